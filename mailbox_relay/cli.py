@@ -1,0 +1,319 @@
+"""The command line: parse options, call the core, and map its outcome to an exit code, once.
+
+Kept thin and cheap to import: every delivered message pays for what `deliver` imports, so the
+other commands import their machinery (rich, sqlite3, http.server) inside their own functions.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any, Callable, List, NoReturn, Optional, TextIO
+
+import click
+
+from mailbox_relay import __version__
+from mailbox_relay.outcome import QMAIL, SYSEXITS, Kind, Outcome, Reason, exit_code
+from mailbox_relay.settings import FIELDS
+
+F = Callable[..., Any]
+
+# Usage errors in commands that an MTA runs must not exit 2 (a bounce): they are temporary.
+_USAGE_EXIT = {"check": 64, "serve": 64}
+
+
+class Interrupted(BaseException):
+    """SIGTERM, SIGINT or SIGHUP arrived: stop and let the caller retry (exit 75)."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _env_names(name: str) -> str:
+    return ", ".join(FIELDS[name].env)
+
+
+def _help(text: str, name: str, default: Optional[str] = None) -> str:
+    """Option help that ends with its default and environment names, the same way everywhere."""
+    shown = f"default: {default}; " if default else ""
+    return f"{text} [{shown}env: {_env_names(name)}]"
+
+
+def _password_on_argv(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+    if value is not None:
+        raise click.BadParameter(
+            "passwords are never accepted on the command line (other users can read it there): "
+            "set MAILBOX_RELAY_PASSWORD, or use --password-file"
+        )
+
+
+def connection_options(command: F) -> F:
+    """The options every command that talks to an ingress shares, each with its env name."""
+    options = [
+        click.option(
+            "--url",
+            metavar="URL",
+            help=_help(
+                "Relay ingress URL; a bare https://host gets /rails/action_mailbox/relay/inbound_emails.",
+                "url",
+            ),
+        ),
+        click.option(
+            "--password-file",
+            metavar="PATH",
+            type=click.Path(dir_okay=False),
+            help=_help(
+                "Read the ingress password from the first line of PATH. Otherwise "
+                "MAILBOX_RELAY_PASSWORD, then INGRESS_PASSWORD, then the config file.",
+                "password_file",
+            ),
+        ),
+        click.option("--password", hidden=True, expose_value=False, callback=_password_on_argv),
+        click.option(
+            "--config",
+            metavar="PATH",
+            type=click.Path(dir_okay=False),
+            help="TOML file with the same keys (url, password_file, timeout, ...). Default "
+            "$XDG_CONFIG_HOME/mailbox-relay/config.toml, then /etc/mailbox-relay/config.toml. "
+            "[env: MAILBOX_RELAY_CONFIG]",
+        ),
+        click.option(
+            "--timeout",
+            type=float,
+            metavar="SECONDS",
+            help=_help("Per-attempt connect and read timeout.", "timeout", "30"),
+        ),
+        click.option(
+            "--retry-for",
+            type=float,
+            metavar="SECONDS",
+            help=_help(
+                "Keep retrying network errors, timeouts, 408, 429 and 5xx for this long "
+                "(0: one attempt). The last attempt may take up to --timeout more.",
+                "retry_for",
+                "60",
+            ),
+        ),
+        click.option(
+            "--max-size",
+            metavar="BYTES",
+            help=_help(
+                "Refuse larger messages as permanently undeliverable; K/M/G suffixes allowed.",
+                "max_size",
+                "no limit",
+            ),
+        ),
+        click.option(
+            "--envelope-recipient",
+            multiple=True,
+            metavar="ADDR",
+            help=_help(
+                "Prepend X-Original-To: ADDR (unless present) so Action Mailbox routes Bcc, "
+                "forwarded and catch-all mail. Repeatable, or one space/comma separated list "
+                "as fetchmail's %T gives.",
+                "envelope_recipient",
+            ),
+        ),
+        click.option(
+            "--ca-bundle",
+            metavar="PATH",
+            type=click.Path(dir_okay=False),
+            help=_help("Verify TLS with this CA bundle.", "ca_bundle"),
+        ),
+        click.option(
+            "--insecure",
+            is_flag=True,
+            default=None,
+            help=_help("Do not verify the TLS certificate (not recommended).", "insecure"),
+        ),
+        click.option(
+            "--allow-http",
+            is_flag=True,
+            default=None,
+            help=_help(
+                "Allow sending the password over plain http:// to a host that is not loopback.",
+                "allow_http",
+            ),
+        ),
+        click.option(
+            "--user-agent",
+            metavar="TEXT",
+            help=_help("User-Agent header.", "user_agent", "mailbox-relay/VERSION"),
+        ),
+        click.option(
+            "-v",
+            "--verbose",
+            is_flag=True,
+            help="Log settings (and where each came from), attempts and results to stderr. "
+            "Never logs the password.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mailbox-relay")
+def cli() -> None:
+    """Move email into a Rails app's Action Mailbox relay ingress, safely.
+
+    \b
+    deliver  one message from stdin (getmail, fetchmail, procmail, Postfix, Exim, qmail)
+    """
+
+
+DELIVER_HELP = """Deliver one message (FILE, or stdin) to the Action Mailbox relay ingress.
+
+Checks that it is an RFC 822 message, strips one leading mbox "From " line, posts it as
+message/rfc822 with Basic auth (user actionmailbox), and retries what may work later.
+Prints nothing on success.
+
+\b
+Exit codes:           sysexits   qmail
+  delivered (2xx)            0       0
+  invalid message           65     100   permanent: the caller bounces it
+  anything else             75     111   temporary: the caller keeps it and retries
+
+On failure one line on stderr says what to do next, led by an enhanced status code
+(4.x.x or 5.x.x) that Postfix uses.
+
+\b
+Example (getmail MDA_external, Postfix pipe, fetchmail mda):
+  MAILBOX_RELAY_URL=https://app.example.com MAILBOX_RELAY_PASSWORD=... \\
+    mailbox-relay deliver < message.eml
+"""
+
+
+@cli.command(help=DELIVER_HELP)
+@connection_options
+@click.option(
+    "--exit-codes",
+    type=click.Choice(["sysexits", "qmail"]),
+    help=_help("Exit-code convention.", "exit_codes", "sysexits"),
+)
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
+    from mailbox_relay.deliver import deliver as deliver_message
+    from mailbox_relay.deliver import exit_style, read_message
+
+    style = exit_style(options, os.environ)
+    log = _stderr_log if verbose else _no_log
+    notes: List[str] = []
+    with _signals_interrupt(), _captured_warnings(notes):
+        try:
+            outcome, style, more = deliver_message(
+                options, os.environ, lambda: read_message(file, sys.stdin.buffer), log
+            )
+            notes += more
+        except Interrupted as signal_name:
+            outcome = Outcome(
+                Reason.INTERRUPTED,
+                f"interrupted by {signal_name} before the ingress confirmed delivery; "
+                "the message will be retried",
+            )
+        except Exception as error:  # the boundary: a crash must defer, never bounce
+            outcome = _internal_error(error)
+    return _finish(outcome, style, notes, verbose)
+
+
+def _finish(outcome: Outcome, style: str, notes: List[str], verbose: bool) -> int:
+    if not outcome.delivered:
+        click.echo(outcome.line(), err=True)
+    if verbose or not outcome.delivered:
+        for note in dict.fromkeys(notes):
+            click.echo(note, err=True)
+    if verbose and outcome.delivered:
+        click.echo("delivered", err=True)
+    return exit_code(outcome, style)
+
+
+def _internal_error(error: BaseException) -> Outcome:
+    return Outcome(
+        Reason.INTERNAL,
+        f"internal error ({type(error).__name__}: {error}); the message was not delivered and "
+        "will be retried; please report this",
+    )
+
+
+def _stderr_log(line: str) -> None:
+    click.echo(f"mailbox-relay: {line}", err=True)
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+class _signals_interrupt:
+    """Turn SIGTERM/SIGINT/SIGHUP into `Interrupted` while a delivery runs."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+    def __enter__(self) -> None:
+        self.previous = {}
+        for name in self.SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self.previous[number] = signal.signal(number, _interrupt)
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+class _captured_warnings:
+    """Python warnings go to `notes` (shown on failure or -v): stderr must stay silent on success."""
+
+    def __init__(self, notes: List[str]) -> None:
+        self.notes = notes
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self.previous = warnings.showwarning
+        warnings.showwarning = self._record
+
+    def _record(self, message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        self.notes.append(f"warning: {category.__name__}: {message}")
+
+    def __exit__(self, *exc: object) -> None:
+        import warnings
+
+        warnings.showwarning = self.previous
+
+
+def _command_name(error: click.ClickException) -> str:
+    ctx = getattr(error, "ctx", None)
+    return (ctx.info_name or "") if ctx is not None and ctx.parent is not None else ""
+
+
+def _usage_error(error: click.ClickException, args: List[str], stderr: TextIO) -> int:
+    command = _command_name(error)
+    if command in _USAGE_EXIT:
+        error.show(stderr)
+        return _USAGE_EXIT[command]
+    codes = QMAIL if "qmail" in args or os.environ.get("MAILBOX_RELAY_EXIT_CODES") == "qmail" else SYSEXITS
+    where = f"mailbox-relay {command} --help" if command else "mailbox-relay --help"
+    stderr.write(f"{Reason.CONFIG.code} usage error: {error.format_message().rstrip(".")}; see {where}\n")
+    return codes[Kind.TEMPORARY]
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    """Run the CLI and return its exit code; the one place outcomes become exit codes."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        result = cli.main(args=args, prog_name="mailbox-relay", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        error.show(sys.stderr)
+        return 64
+    except click.ClickException as error:
+        return _usage_error(error, args, sys.stderr)
+    except click.exceptions.Abort:
+        return SYSEXITS[Kind.TEMPORARY]
+    return result if isinstance(result, int) else 0
+
+
+def main(argv: Optional[List[str]] = None) -> NoReturn:
+    sys.exit(run(argv))

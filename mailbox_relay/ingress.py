@@ -1,0 +1,219 @@
+"""Talking to the relay ingress: one session factory and one post-with-retry. Nothing else posts.
+
+Retries (exponential backoff with jitter, or the server's Retry-After) happen only for answers
+that may change by themselves: connect errors, resets, timeouts, 408, 429 and 5xx, and only
+inside the --retry-for budget. The body is the same bytes on every attempt, so a re-post that
+already reached Rails is deduplicated there.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional
+from urllib.parse import urlsplit
+
+import requests
+
+from mailbox_relay.message import Prepared
+from mailbox_relay.outcome import Outcome, Reason, classify_response
+from mailbox_relay.settings import Settings
+
+RELAY_USER = "actionmailbox"
+
+
+def make_session(settings: Settings) -> requests.Session:
+    """The only way this tool gets an HTTP session: auth, type, agent, TLS, no redirects."""
+    session = requests.Session()
+    session.auth = (RELAY_USER, settings.password)
+    session.headers["User-Agent"] = settings.user_agent
+    session.headers["Content-Type"] = "message/rfc822"
+    session.max_redirects = 0
+    session.verify = settings.verify
+    if settings.insecure:
+        # The user opted out of verification explicitly; urllib3's per-request warning on stderr
+        # would make getmail and Exim treat every delivery as failed.
+        import warnings
+
+        from urllib3.exceptions import InsecureRequestWarning
+
+        warnings.simplefilter("ignore", InsecureRequestWarning)
+    return session
+
+
+class Body:
+    """A file-like view of `prefix + raw[start:]`, so a large message is never copied to send."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self._parts = [memoryview(part) for part in prepared.parts() if len(part)]
+        self._length = prepared.size
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        while self._parts and not len(self._parts[0]):
+            self._parts.pop(0)
+        if not self._parts:
+            return b""
+        part = self._parts[0]
+        size = len(part) if size is None or size < 0 else size
+        chunk, self._parts[0] = part[:size], part[size:]
+        return bytes(chunk)
+
+
+def parse_retry_after(value: Optional[str], now: Callable[[], float] = time.time) -> Optional[float]:
+    """Seconds from a Retry-After header: delay-seconds or an HTTP-date. None if absent or junk."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    from email.utils import parsedate_to_datetime  # rare: only servers that send a date
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now())
+
+
+def host_port(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.hostname}:{port}"
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and everything it wraps (urllib3 nests the socket error several levels deep)."""
+    seen: List[int] = []
+    todo: List[BaseException] = [error]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.append(id(current))
+        yield current
+        nested = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        nested += list(current.args)
+        todo += [item for item in nested if isinstance(item, BaseException)]
+
+
+def classify_error(error: requests.RequestException, url: str, timeout: float) -> Outcome:
+    """Map a requests exception to its outcome, naming host and port."""
+    where = host_port(url)
+    causes = list(_causes(error))
+    if isinstance(error, requests.exceptions.SSLError):
+        return Outcome(
+            Reason.TLS,
+            f"TLS with {where} failed ({_last_words(causes)}): fix the server's certificate, or "
+            "pass --ca-bundle with the CA that signed it",
+        )
+    if isinstance(error, requests.exceptions.ConnectTimeout):
+        return Outcome(
+            Reason.TIMEOUT,
+            f"could not connect to {where} within {timeout:g}s: is a firewall dropping packets?",
+        )
+    if isinstance(error, requests.exceptions.ReadTimeout):
+        return Outcome(
+            Reason.TIMEOUT,
+            f"ingress at {where} did not answer within {timeout:g}s: raise --timeout if the app is slow",
+        )
+    if any(isinstance(cause, ConnectionRefusedError) for cause in causes):
+        return Outcome(
+            Reason.UNREACHABLE,
+            f"connection refused by {where}: is the app running, and is the port in the URL right?",
+        )
+    if any(isinstance(cause, socket.gaierror) for cause in causes):
+        return Outcome(
+            Reason.UNREACHABLE,
+            f"cannot resolve {urlsplit(url).hostname}: check the host name in the URL and DNS",
+        )
+    if isinstance(error, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
+        return Outcome(Reason.CONFIG, f"the ingress URL {url!r} is not usable: {error}")
+    if isinstance(error, requests.exceptions.TooManyRedirects):
+        return Outcome(Reason.REDIRECT, f"ingress at {url} redirected: set the URL to the final address")
+    return Outcome(
+        Reason.NETWORK,
+        f"connection to {where} failed before the ingress answered ({_last_words(causes)})",
+    )
+
+
+def _last_words(causes: List[BaseException]) -> str:
+    innermost = causes[-1]
+    return f"{type(innermost).__name__}: {innermost}".strip().rstrip(":")
+
+
+def post_once(session: requests.Session, settings: Settings, prepared: Prepared) -> Outcome:
+    try:
+        response = session.post(
+            settings.url,
+            data=Body(prepared),
+            timeout=settings.timeout,
+            allow_redirects=False,
+            verify=settings.verify,
+        )
+    except requests.RequestException as error:
+        return classify_error(error, settings.url, settings.timeout)
+    with response:
+        return classify_response(
+            response.status_code,
+            url=settings.url,
+            location=response.headers.get("Location"),
+            size=prepared.size,
+            password_source=settings.password_source,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: about 1, 2, 4, 8, 15, 15 ... seconds."""
+
+    first: float = 1.0
+    cap: float = 15.0
+    random: Callable[[], float] = random.random
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.cap, self.first * 2.0 ** (attempt - 1))
+        return ceiling * (0.5 + self.random() / 2)
+
+
+@dataclass
+class Clock:
+    """Time, injected so tests can drive the retry loop without waiting."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+def post_with_retry(
+    session: requests.Session,
+    settings: Settings,
+    prepared: Prepared,
+    *,
+    clock: Optional[Clock] = None,
+    backoff: Optional[Backoff] = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> Outcome:
+    """Post until delivered, a non-retryable answer, or the --retry-for budget is spent.
+
+    The budget bounds when the last attempt may start; that attempt may take up to --timeout.
+    """
+    clock = clock or Clock()
+    backoff = backoff or Backoff()
+    started = clock.now()
+    deadline = started + settings.retry_for
+    attempt = 0
+    while True:
+        attempt += 1
+        outcome = post_once(session, settings, prepared)
+        if outcome.delivered or not outcome.reason.retry:
+            return outcome.after(attempt, clock.now() - started)
+        wait = backoff.delay(attempt) if outcome.retry_after is None else outcome.retry_after
+        if clock.now() + wait > deadline:
+            return outcome.after(attempt, clock.now() - started)
+        log(f"attempt {attempt}: {outcome.line()}; retrying in {wait:.1f}s")
+        clock.sleep(wait)

@@ -1,0 +1,156 @@
+"""Bytes in, bytes out: what a message must look like, and what we add to it. Pure, no I/O.
+
+"RFC 822 in practice": a header section of `name: value` fields (or folded continuations) with a
+From: field. Everything real mail does is accepted: LF or CRLF, 8-bit headers (RFC 6532), no
+body, no Message-ID, long lines. The bytes are never rewritten: Rails deduplicates on the SHA1 of
+the raw message, so what we send is what was read, minus a leading mbox `From ` line, plus
+deterministic `X-Original-To:` lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from mailbox_relay.outcome import InvalidMessage, Reason
+
+# RFC 5322 field names: printable US-ASCII except the colon.
+_FIELD_NAME_BYTES = frozenset(range(33, 127)) - {ord(":")}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated message as the parts to send: `prefix` then `raw[start:]`, never copied."""
+
+    raw: bytes
+    start: int
+    prefix: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + len(self.raw) - self.start
+
+    def parts(self) -> Tuple[bytes, memoryview]:
+        return self.prefix, memoryview(self.raw)[self.start :]
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes posted (a copy; the sender streams `parts()` instead)."""
+        return self.prefix + self.raw[self.start :]
+
+
+def body_start(raw: bytes) -> int:
+    """Offset after one leading mbox `From ` envelope line, if there is one."""
+    if not raw.startswith(b"From "):
+        return 0
+    newline = raw.find(b"\n")
+    return len(raw) if newline < 0 else newline + 1
+
+
+def header_end(raw: bytes, start: int) -> int:
+    """Offset of the empty line that ends the header section (or the end of the message)."""
+    if raw.startswith((b"\n", b"\r\n"), start):
+        return start
+    ends = [pos + 1 for pos in (raw.find(b"\n\n", start), raw.find(b"\n\r\n", start)) if pos >= 0]
+    return min(ends) if ends else len(raw)
+
+
+def _is_field(line: bytes) -> bool:
+    name, colon, _ = line.partition(b":")
+    name = name.rstrip(b" \t")  # obsolete syntax allows space before the colon
+    return bool(colon) and bool(name) and all(byte in _FIELD_NAME_BYTES for byte in name)
+
+
+def header_lines(raw: bytes, start: int, end: int) -> List[bytes]:
+    lines = raw[start:end].split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def validate(raw: bytes, *, max_size: Optional[int] = None) -> Tuple[int, List[bytes]]:
+    """Check `raw` is a message; return where it starts and its header lines, or raise."""
+    if max_size is not None and len(raw) > max_size:
+        raise InvalidMessage(
+            f"message of {len(raw)} bytes is over the --max-size limit of {max_size} bytes",
+            Reason.TOO_BIG,
+        )
+    start = body_start(raw)
+    first_line = 2 if start else 1  # line numbers as in the input, so `sed -n Np` finds them
+    if not raw[start:].strip():
+        raise InvalidMessage("not an RFC 822 message: the input is empty")
+    lines = header_lines(raw, start, header_end(raw, start))
+    _check_header(lines, first_line)
+    return start, lines
+
+
+def _check_header(lines: Sequence[bytes], first_line: int) -> None:
+    if not lines or not _is_field(lines[0]):
+        raise InvalidMessage(
+            f"not an RFC 822 message: line {first_line} is not a header field (no header section)"
+        )
+    has_from = False
+    for number, line in enumerate(lines, first_line):
+        if b"\0" in line:
+            raise InvalidMessage(f"not an RFC 822 message: NUL byte in header line {number}")
+        if line[:1] in (b" ", b"\t"):
+            continue
+        if not _is_field(line):
+            raise InvalidMessage(f"not an RFC 822 message: line {number} is not a header field")
+        has_from = has_from or field_name(line) == b"from"
+    if not has_from:
+        raise InvalidMessage("not an RFC 822 message: it has no From: header field")
+
+
+def field_name(line: bytes) -> bytes:
+    return line.partition(b":")[0].rstrip(b" \t").lower()
+
+
+def field_values(lines: Sequence[bytes], name: bytes) -> Iterable[bytes]:
+    """Unfolded, stripped values of every field called `name` (lower case), in order."""
+    value: Optional[bytes] = None
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if value is not None:
+                value += b" " + line.strip()
+            continue
+        if value is not None:
+            yield value
+        value = line.partition(b":")[2].strip() if field_name(line) == name else None
+    if value is not None:
+        yield value
+
+
+def _address_key(address: bytes) -> bytes:
+    return address.strip().strip(b"<>").strip().lower()
+
+
+def original_to_prefix(lines: Sequence[bytes], recipients: Sequence[str], newline: bytes) -> bytes:
+    """`X-Original-To:` lines for each recipient the message does not already name there.
+
+    Deterministic: the same input always gives the same bytes, so Rails' dedup still works.
+    """
+    present = {
+        _address_key(address)
+        for value in field_values(lines, b"x-original-to")
+        for address in value.split(b",")
+    }
+    prefix = b""
+    for recipient in recipients:
+        encoded = recipient.encode("utf-8")
+        if _address_key(encoded) in present:
+            continue
+        present.add(_address_key(encoded))
+        prefix += b"X-Original-To: " + encoded + newline
+    return prefix
+
+
+def line_ending(raw: bytes, start: int) -> bytes:
+    newline = raw.find(b"\n", start)
+    return b"\r\n" if newline > start and raw[newline - 1 : newline] == b"\r" else b"\n"
+
+
+def prepare(raw: bytes, *, recipients: Sequence[str] = (), max_size: Optional[int] = None) -> Prepared:
+    """Validate `raw` and work out the exact bytes to send (raises InvalidMessage)."""
+    start, lines = validate(raw, max_size=max_size)
+    prefix = original_to_prefix(lines, recipients, line_ending(raw, start)) if recipients else b""
+    return Prepared(raw, start, prefix)
