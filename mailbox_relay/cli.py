@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Callable, List, NoReturn, Optional, TextIO
+from typing import Any, Callable, List, NoReturn, Optional
 
 import click
 
@@ -289,14 +289,15 @@ def _command_name(error: click.ClickException) -> str:
     return (ctx.info_name or "") if ctx is not None and ctx.parent is not None else ""
 
 
-def _usage_error(error: click.ClickException, args: List[str], stderr: TextIO) -> int:
+def _usage_error(error: click.ClickException, args: List[str]) -> int:
     command = _command_name(error)
     if command in _USAGE_EXIT:
-        error.show(stderr)
+        error.show()
         return _USAGE_EXIT[command]
     codes = QMAIL if "qmail" in args or os.environ.get("MAILBOX_RELAY_EXIT_CODES") == "qmail" else SYSEXITS
     where = f"mailbox-relay {command} --help" if command else "mailbox-relay --help"
-    stderr.write(f"{Reason.CONFIG.code} usage error: {error.format_message().rstrip(".")}; see {where}\n")
+    message = error.format_message().rstrip(".")
+    click.echo(f"{Reason.CONFIG.code} usage error: {message}; see {where}", err=True)
     return codes[Kind.TEMPORARY]
 
 
@@ -306,10 +307,10 @@ def run(argv: Optional[List[str]] = None) -> int:
     try:
         result = cli.main(args=args, prog_name="mailbox-relay", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as error:
-        error.show(sys.stderr)
+        error.show()
         return 64
     except click.ClickException as error:
-        return _usage_error(error, args, sys.stderr)
+        return _usage_error(error, args)
     except click.exceptions.Abort:
         return SYSEXITS[Kind.TEMPORARY]
     return result if isinstance(result, int) else 0

@@ -25,12 +25,15 @@ RELAY_USER = "actionmailbox"
 
 
 def make_session(settings: Settings) -> requests.Session:
-    """The only way this tool gets an HTTP session: auth, type, agent, TLS, no redirects."""
+    """The only way this tool gets an HTTP session: auth, type, agent, TLS.
+
+    Redirects are refused per request (`allow_redirects=False` in `post_once`, the only post):
+    requests' `max_redirects = 0` would raise before we could read the Location.
+    """
     session = requests.Session()
     session.auth = (RELAY_USER, settings.password)
     session.headers["User-Agent"] = settings.user_agent
     session.headers["Content-Type"] = "message/rfc822"
-    session.max_redirects = 0
     session.verify = settings.verify
     if settings.insecure:
         # The user opted out of verification explicitly; urllib3's per-request warning on stderr
@@ -133,8 +136,6 @@ def classify_error(error: requests.RequestException, url: str, timeout: float) -
         )
     if isinstance(error, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
         return Outcome(Reason.CONFIG, f"the ingress URL {url!r} is not usable: {error}")
-    if isinstance(error, requests.exceptions.TooManyRedirects):
-        return Outcome(Reason.REDIRECT, f"ingress at {url} redirected: set the URL to the final address")
     return Outcome(
         Reason.NETWORK,
         f"connection to {where} failed before the ingress answered ({_last_words(causes)})",

@@ -1,0 +1,130 @@
+"""Real peers for tests: a raw socket server for resets and stalls, and free ports."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from typing import List
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """Read one HTTP request with a Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+class RawServer:
+    """Each connection gets the next behaviour: "reset", "stall", "close", or "204".
+
+    "reset" answers with a TCP RST after reading the request; "stall" reads and never answers;
+    "close" closes cleanly without a response; "204" answers like the ingress does on success.
+    The last behaviour repeats for any later connections.
+    """
+
+    def __init__(self, behaviours: List[str]) -> None:
+        self.behaviours = behaviours
+        self.requests: List[bytes] = []
+        self.connections = 0
+        self.accepted = threading.Event()
+        self._stop = threading.Event()
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self._sock.settimeout(0.2)
+        self.port = int(self._sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}/rails/action_mailbox/relay/inbound_emails"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            behaviour = self.behaviours[min(self.connections, len(self.behaviours) - 1)]
+            self.connections += 1
+            self.accepted.set()
+            threading.Thread(target=self._handle, args=(conn, behaviour), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, behaviour: str) -> None:
+        with conn:
+            self.requests.append(read_request(conn))
+            if behaviour == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif behaviour == "stall":
+                self._stop.wait(60)
+            elif behaviour == "204":
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Ingress204(threading.Thread):
+    """A minimal HTTP(S) server answering 204 to every POST, recording bodies. For TLS tests."""
+
+    def __init__(self, ssl_context: object = None) -> None:
+        super().__init__(daemon=True)
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        bodies = self.bodies = []  # type: List[bytes]
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)  # type: ignore[attr-defined]
+        self.port = int(self.server.server_address[1])
+
+    def run(self) -> None:
+        self.server.serve_forever(poll_interval=0.1)
+
+    def __enter__(self) -> Ingress204:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,107 @@
+"""The outcome table, row by row: no HTTP needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailbox_relay.outcome import (
+    DELIVERED,
+    Kind,
+    Outcome,
+    Reason,
+    check_exit_code,
+    classify_response,
+    exit_code,
+)
+
+URL = "https://app.example.com/rails/action_mailbox/relay/inbound_emails"
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "retry", "words"),
+    [
+        (200, Reason.DELIVERED, False, "delivered"),
+        (204, Reason.DELIVERED, False, "delivered"),
+        (301, Reason.REDIRECT, False, "https://elsewhere.example.com/x"),
+        (308, Reason.REDIRECT, False, "never follows redirects"),
+        (401, Reason.AUTH, False, "password for user actionmailbox (HTTP 401)"),
+        (403, Reason.FORBIDDEN, False, "HTTP 403"),
+        (404, Reason.NOT_FOUND, False, "config.action_mailbox.ingress = :relay"),
+        (408, Reason.BUSY, True, "HTTP 408"),
+        (413, Reason.INGRESS_LIMIT, False, "client_max_body_size"),
+        (415, Reason.WRONG_MEDIA_TYPE, False, "message/rfc822"),
+        (422, Reason.CLIENT_ERROR, False, "HTTP 422"),
+        (429, Reason.BUSY, True, "rate limiting"),
+        (500, Reason.SERVER_ERROR, True, "HTTP 500"),
+        (503, Reason.SERVER_ERROR, True, "HTTP 503"),
+    ],
+)
+def test_each_status_has_one_row(status: int, reason: Reason, retry: bool, words: str) -> None:
+    outcome = classify_response(status, url=URL, location="https://elsewhere.example.com/x")
+    assert outcome.reason is reason
+    assert outcome.reason.retry is retry
+    assert words in outcome.line()
+    if not outcome.delivered:
+        assert outcome.kind is Kind.TEMPORARY  # only a bad message is ever permanent
+        assert outcome.line()[:2] == "4."
+
+
+def test_404_on_a_postfix_path_names_the_relay_path() -> None:
+    url = "https://app.example.com/rails/action_mailbox/postfix/inbound_emails"
+    line = classify_response(404, url=url).line()
+    assert "use https://app.example.com/rails/action_mailbox/relay/inbound_emails" in line
+    assert "config.action_mailbox.ingress = :relay" in line
+
+
+def test_401_names_where_the_password_came_from() -> None:
+    line = classify_response(401, url=URL, password_source="env MAILBOX_RELAY_PASSWORD").line()
+    assert line.startswith("4.7.0 ")
+    assert "env MAILBOX_RELAY_PASSWORD" in line
+
+
+def test_413_names_the_size() -> None:
+    assert "of 1234 bytes" in classify_response(413, url=URL, size=1234).line()
+
+
+def test_retry_after_travels_with_retryable_rows() -> None:
+    assert classify_response(503, url=URL, retry_after=7.0).retry_after == 7.0
+    assert classify_response(429, url=URL, retry_after=3.0).retry_after == 3.0
+
+
+@pytest.mark.parametrize(
+    ("kind_outcome", "sysexits", "qmail"),
+    [
+        (DELIVERED, 0, 0),
+        (Outcome(Reason.INVALID_MESSAGE, "x"), 65, 100),
+        (Outcome(Reason.TOO_BIG, "x"), 65, 100),
+        (Outcome(Reason.AUTH, "x"), 75, 111),
+        (Outcome(Reason.CONFIG, "x"), 75, 111),
+        (Outcome(Reason.INTERNAL, "x"), 75, 111),
+        (Outcome(Reason.INTERRUPTED, "x"), 75, 111),
+        (Outcome(Reason.SERVER_ERROR, "x"), 75, 111),
+    ],
+)
+def test_exit_codes_by_style(kind_outcome: Outcome, sysexits: int, qmail: int) -> None:
+    assert exit_code(kind_outcome) == exit_code(kind_outcome, "sysexits") == sysexits
+    assert exit_code(kind_outcome, "qmail") == qmail
+
+
+def test_every_permanent_row_is_about_the_message_itself() -> None:
+    permanent = {reason for reason in Reason if reason.kind is Kind.PERMANENT}
+    assert permanent == {Reason.INVALID_MESSAGE, Reason.TOO_BIG}
+    assert all(reason.code.startswith("5.") for reason in permanent)
+    temporary = [reason for reason in Reason if reason.kind is Kind.TEMPORARY]
+    assert all(reason.code.startswith("4.") for reason in temporary)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(204, 0), (401, 77), (403, 77), (404, 78), (301, 78), (500, 69), (429, 69)]
+)
+def test_check_exit_codes(status: int, code: int) -> None:
+    assert check_exit_code(classify_response(status, url=URL)) == code
+
+
+def test_attempt_count_is_added_only_after_a_retry() -> None:
+    outcome = Outcome(Reason.SERVER_ERROR, "x")
+    assert outcome.after(1, 0.1).detail == "x"
+    assert outcome.after(3, 12.4).detail == "x [3 attempts over 12s]"
