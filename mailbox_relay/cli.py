@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Callable, List, NoReturn, Optional
+from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 import click
 
 from mailbox_relay import __version__
-from mailbox_relay.outcome import QMAIL, SYSEXITS, Kind, Outcome, Reason, exit_code
+from mailbox_relay.outcome import QMAIL, RELAY_PATH, SYSEXITS, Kind, Outcome, Reason, exit_code
 from mailbox_relay.settings import FIELDS
 
 F = Callable[..., Any]
@@ -86,37 +86,6 @@ def connection_options(command: F) -> F:
             help=_help("Per-attempt connect and read timeout.", "timeout", "30"),
         ),
         click.option(
-            "--retry-for",
-            type=float,
-            metavar="SECONDS",
-            help=_help(
-                "Keep retrying network errors, timeouts, 408, 429 and 5xx for this long "
-                "(0: one attempt). The last attempt may take up to --timeout more.",
-                "retry_for",
-                "60",
-            ),
-        ),
-        click.option(
-            "--max-size",
-            metavar="BYTES",
-            help=_help(
-                "Refuse larger messages as permanently undeliverable; K/M/G suffixes allowed.",
-                "max_size",
-                "no limit",
-            ),
-        ),
-        click.option(
-            "--envelope-recipient",
-            multiple=True,
-            metavar="ADDR",
-            help=_help(
-                "Prepend X-Original-To: ADDR (unless present) so Action Mailbox routes Bcc, "
-                "forwarded and catch-all mail. Repeatable, or one space/comma separated list "
-                "as fetchmail's %T gives.",
-                "envelope_recipient",
-            ),
-        ),
-        click.option(
             "--ca-bundle",
             metavar="PATH",
             type=click.Path(dir_okay=False),
@@ -150,9 +119,51 @@ def connection_options(command: F) -> F:
             "Never logs the password.",
         ),
     ]
+    return _apply(options, command)
+
+
+def _apply(options: Sequence[Callable[[Any], Any]], command: F) -> F:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def delivery_options(command: F) -> F:
+    """Options of the commands that deliver messages (deliver, import)."""
+    options = [
+        click.option(
+            "--retry-for",
+            type=float,
+            metavar="SECONDS",
+            help=_help(
+                "Keep retrying network errors, timeouts, 408, 429 and 5xx for this long "
+                "(0: one attempt). The last attempt may take up to --timeout more.",
+                "retry_for",
+                "60",
+            ),
+        ),
+        click.option(
+            "--max-size",
+            metavar="BYTES",
+            help=_help(
+                "Refuse larger messages as permanently undeliverable; K/M/G suffixes allowed.",
+                "max_size",
+                "no limit",
+            ),
+        ),
+        click.option(
+            "--envelope-recipient",
+            multiple=True,
+            metavar="ADDR",
+            help=_help(
+                "Prepend X-Original-To: ADDR (unless present) so Action Mailbox routes Bcc, "
+                "forwarded and catch-all mail. Repeatable, or one space/comma separated list "
+                "as fetchmail's %T gives.",
+                "envelope_recipient",
+            ),
+        ),
+    ]
+    return _apply(options, command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -162,6 +173,8 @@ def cli() -> None:
 
     \b
     deliver  one message from stdin (getmail, fetchmail, procmail, Postfix, Exim, qmail)
+    check    diagnose the settings and the ingress without creating anything
+    serve    a local relay ingress that answers like Action Mailbox, into a Maildir
     """
 
 
@@ -189,6 +202,7 @@ Example (getmail MDA_external, Postfix pipe, fetchmail mda):
 
 @cli.command(help=DELIVER_HELP)
 @connection_options
+@delivery_options
 @click.option(
     "--exit-codes",
     type=click.Choice(["sysexits", "qmail"]),
@@ -217,6 +231,104 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
         except Exception as error:  # the boundary: a crash must defer, never bounce
             outcome = _internal_error(error)
     return _finish(outcome, style, notes, verbose)
+
+
+CHECK_HELP = """Check that delivery would work, step by step, without creating an inbound email.
+
+Reports the settings (and where each came from), DNS, TCP, TLS (version, certificate,
+expiry), then posts with the right password and a deliberately wrong Content-Type: Action
+Mailbox answers 415 to that only when the URL, the relay ingress and the password are all
+right, and stores nothing.
+
+\b
+Exit codes (for people and monitoring):
+   0  ready
+  77  password rejected (401/403)
+  78  configuration: wrong path (404), redirect, missing URL/password, plain http
+  69  unreachable, TLS failure, timeout or 5xx
+"""
+
+
+@cli.command(help=CHECK_HELP)
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def check(verbose: bool, as_json: bool, **options: Any) -> int:
+    from mailbox_relay.check import render, run_check
+
+    report = run_check(options, os.environ)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        render(report, sys.stdout)
+    return report.exit_code
+
+
+SERVE_HELP = """Run a local relay ingress that answers exactly like Action Mailbox's.
+
+POST /rails/action_mailbox/relay/inbound_emails with Basic auth (user actionmailbox) and
+Content-Type message/rfc822 gets 204 and the exact bytes land in the Maildir (tmp/, fsync,
+new/); a byte-identical re-post answers 204 and is not stored twice, as in Rails. Anything
+else gets what Rails answers: 404 (other paths), 401, 415, or 422 for an empty body.
+
+The password comes from MAILBOX_RELAY_PASSWORD, INGRESS_PASSWORD, --password-file or the
+config file; serve refuses to start without one. Logs one line per request on stderr.
+"""
+
+
+@cli.command(help=SERVE_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3025, show_default=True, type=click.IntRange(0, 65535), help="Port.")
+@click.option(
+    "--maildir",
+    default="mailbox-relay-inbox",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Maildir to store accepted messages in (created if missing).",
+)
+@click.option(
+    "--password-file",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help=_help("Read the password from the first line of PATH.", "password_file"),
+)
+@click.option("--password", hidden=True, expose_value=False, callback=_password_on_argv)
+@click.option(
+    "--config",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help="TOML config file (its password or password_file). [env: MAILBOX_RELAY_CONFIG]",
+)
+def serve(host: str, port: int, maildir: str, **options: Any) -> int:
+    from mailbox_relay.outcome import ConfigError
+    from mailbox_relay.server import Maildir, make_server
+    from mailbox_relay.settings import open_layers
+
+    try:
+        password = open_layers(options, os.environ).password()[0]
+        if password is None:
+            raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
+        server = make_server(host, port, password, Maildir(maildir), _stderr_log)
+    except ConfigError as error:
+        click.echo(f"mailbox-relay serve: {error.outcome.detail}", err=True)
+        return 78
+    except OSError as error:
+        click.echo(f"mailbox-relay serve: cannot listen on {host}:{port}: {error.strerror}", err=True)
+        return 69
+    bound = server.server_address[1]
+    click.echo(
+        f"mailbox-relay serve: listening on http://{host}:{bound}{RELAY_PATH}, "
+        f"storing into {maildir}/new (Ctrl-C stops)",
+        err=True,
+    )
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        click.echo("mailbox-relay serve: stopped", err=True)
+    finally:
+        server.server_close()
+    return 0
 
 
 def _finish(outcome: Outcome, style: str, notes: List[str], verbose: bool) -> int:

@@ -12,7 +12,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import requests
@@ -147,26 +147,50 @@ def _last_words(causes: List[BaseException]) -> str:
     return f"{type(innermost).__name__}: {innermost}".strip().rstrip(":")
 
 
-def post_once(session: requests.Session, settings: Settings, prepared: Prepared) -> Outcome:
+def _post(
+    session: requests.Session,
+    settings: Settings,
+    data: Any,
+    size: int,
+    headers: Optional[Dict[str, str]] = None,
+) -> Tuple[Optional[int], Outcome]:
+    """The one `session.post` in the project: (HTTP status or None, its outcome)."""
     try:
         response = session.post(
             settings.url,
-            data=Body(prepared),
+            data=data,
+            headers=headers,
             timeout=settings.timeout,
             allow_redirects=False,
             verify=settings.verify,
         )
     except requests.RequestException as error:
-        return classify_error(error, settings.url, settings.timeout)
+        return None, classify_error(error, settings.url, settings.timeout)
     with response:
-        return classify_response(
+        return response.status_code, classify_response(
             response.status_code,
             url=settings.url,
             location=response.headers.get("Location"),
-            size=prepared.size,
+            size=size,
             password_source=settings.password_source,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
+
+
+def post_once(session: requests.Session, settings: Settings, prepared: Prepared) -> Outcome:
+    return _post(session, settings, Body(prepared), prepared.size)[1]
+
+
+PROBE_BODY = b"mailbox-relay check: a deliberately wrong Content-Type, so nothing is stored\n"
+
+
+def probe(session: requests.Session, settings: Settings) -> Tuple[Optional[int], Outcome]:
+    """POST with the right credentials and a wrong Content-Type, for `check`.
+
+    Action Mailbox checks configuration (404), then the password (401), then the media type
+    (415), so a 415 proves URL, ingress and password right without creating an inbound email.
+    """
+    return _post(session, settings, PROBE_BODY, len(PROBE_BODY), {"Content-Type": "text/plain"})
 
 
 @dataclass

@@ -128,3 +128,27 @@ class Ingress204(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class LocalServe:
+    """`mailbox-relay serve`'s server, in a thread, on a free port."""
+
+    def __init__(self, maildir: str, password: str = "pw") -> None:
+        from mailbox_relay.server import Maildir, make_server
+
+        self.lines: List[str] = []
+        self.maildir = Maildir(maildir)
+        self.server = make_server("127.0.0.1", 0, password, self.maildir, self.lines.append)
+        self.port = int(self.server.server_address[1])
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = self.base + "/rails/action_mailbox/relay/inbound_emails"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+
+    def __enter__(self) -> LocalServe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)

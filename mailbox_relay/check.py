@@ -1,0 +1,194 @@
+"""`check`: would delivery work? Step by step, without creating an inbound email.
+
+The HTTP step posts with the right credentials and a deliberately wrong Content-Type. Action
+Mailbox checks configuration, then the password, then the media type, so its 415 proves the URL,
+the relay ingress and the password are right while storing nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+from urllib.parse import urlsplit
+
+from mailbox_relay.outcome import ConfigError, Outcome, Reason, check_exit_code
+from mailbox_relay.settings import Settings, load_settings
+
+READY, PASSWORD, CONFIGURATION, UNAVAILABLE = 0, 77, 78, 69
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    steps: List[Step] = field(default_factory=list)
+    exit_code: int = READY
+    url: Optional[str] = None
+
+    @property
+    def ready(self) -> bool:
+        return self.exit_code == READY
+
+    def passed(self, name: str, detail: str) -> None:
+        self.steps.append(Step(name, True, detail))
+
+    def failed(self, name: str, detail: str, code: int) -> Report:
+        self.steps.append(Step(name, False, detail))
+        self.exit_code = code
+        return self
+
+    def as_json(self) -> Dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "exit_code": self.exit_code,
+            "url": self.url,
+            "steps": [{"step": s.name, "ok": s.ok, "detail": s.detail} for s in self.steps],
+        }
+
+
+def run_check(options: Mapping[str, Any], environ: Mapping[str, str]) -> Report:
+    report = Report()
+    try:
+        settings = load_settings(options, environ)
+    except ConfigError as error:
+        return report.failed("settings", error.outcome.detail, CONFIGURATION)
+    report.url = settings.url
+    report.passed("settings", _describe_sources(settings))
+    parts = urlsplit(settings.url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    if not _resolve(report, host, port):
+        return report
+    connection = _connect(report, host, port, settings.timeout)
+    if connection is None:
+        return report
+    with connection:
+        if parts.scheme == "https" and not _handshake(report, connection, host, settings):
+            return report
+    return _probe(report, settings)
+
+
+def _describe_sources(settings: Settings) -> str:
+    return f"url {settings.url} ({settings.sources.get('url')}); password set ({settings.password_source})"
+
+
+def _resolve(report: Report, host: str, port: int) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        report.failed("dns", f"cannot resolve {host}: {error.strerror}", UNAVAILABLE)
+        return False
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    report.passed("dns", f"{host} is {', '.join(addresses)}")
+    return True
+
+
+def _connect(report: Report, host: str, port: int, timeout: float) -> Optional[socket.socket]:
+    started = time.monotonic()
+    try:
+        connection = socket.create_connection((host, port), timeout=timeout)
+    except OSError as error:
+        why = "timed out" if isinstance(error, socket.timeout) else (error.strerror or str(error))
+        report.failed("tcp", f"cannot connect to {host}:{port}: {why}", UNAVAILABLE)
+        return None
+    report.passed("tcp", f"connected to {host}:{port} in {_ms(started)}")
+    return connection
+
+
+def _tls_context(settings: Settings) -> ssl.SSLContext:
+    if settings.insecure:
+        return ssl._create_unverified_context()
+    import certifi  # what requests verifies against, unless --ca-bundle says otherwise
+
+    return ssl.create_default_context(cafile=settings.ca_bundle or certifi.where())
+
+
+def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:
+    try:
+        with _tls_context(settings).wrap_socket(connection, server_hostname=host) as tls:
+            version, certificate = tls.version(), tls.getpeercert()
+    except (ssl.SSLError, OSError) as error:
+        detail = f"TLS with {host} failed: {getattr(error, 'verify_message', None) or error}"
+        report.failed("tls", detail + "; fix the certificate, or pass --ca-bundle", UNAVAILABLE)
+        return False
+    if not certificate:
+        report.passed("tls", f"{version}, certificate NOT verified (--insecure)")
+        return True
+    subject = dict(item[0] for item in certificate.get("subject", ()))  # type: ignore[misc]
+    expires = ssl.cert_time_to_seconds(str(certificate["notAfter"]))
+    days = int((expires - time.time()) // 86400)
+    soon = " (renew it soon)" if days < 14 else ""
+    report.passed(
+        "tls",
+        f"{version}, certificate for {subject.get('commonName', '?')} verified, "
+        f"expires {certificate['notAfter']}, in {days} days{soon}",
+    )
+    return True
+
+
+def _probe(report: Report, settings: Settings) -> Report:
+    from mailbox_relay.ingress import make_session, probe
+
+    started = time.monotonic()
+    with make_session(settings) as session:
+        status, outcome = probe(session, settings)
+    if status == 415:
+        report.passed(
+            "http",
+            "HTTP 415 to a deliberately wrong Content-Type: the URL, the relay ingress and the "
+            "password are right (nothing was stored)",
+        )
+    elif outcome.delivered:
+        outcome = Outcome(
+            Reason.NOT_ACTION_MAILBOX,
+            f"HTTP {status} to a request Action Mailbox would refuse with 415: this URL is not an "
+            "Action Mailbox relay ingress (and may have stored the probe)",
+        )
+        return report.failed("http", outcome.line(), check_exit_code(outcome))
+    else:
+        return report.failed("http", outcome.line(), check_exit_code(outcome))
+    report.passed("round trip", _ms(started))
+    return report
+
+
+def _ms(started: float) -> str:
+    return f"{(time.monotonic() - started) * 1000:.0f} ms"
+
+
+def render(report: Report, stream: Any) -> None:
+    """✓/✗ lines: with rich's colours on a terminal, plain text otherwise."""
+    if stream.isatty():
+        from rich.console import Console
+
+        console = Console(file=stream, highlight=False)
+        for step in report.steps:
+            mark = "[green]✓[/green]" if step.ok else "[red]✗[/red]"
+            console.print(f"{mark} [bold]{step.name}[/bold]: {step.detail}", markup=True)
+        console.print(_verdict(report))
+        return
+    ok, bad = _marks(stream)
+    for step in report.steps:
+        stream.write(f"{ok if step.ok else bad} {step.name}: {step.detail}\n")
+    stream.write(_verdict(report) + "\n")
+    stream.flush()
+
+
+def _marks(stream: Any) -> tuple[str, str]:
+    try:
+        "✓✗".encode(getattr(stream, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return "OK  ", "FAIL"
+    return "✓", "✗"
+
+
+def _verdict(report: Report) -> str:
+    if report.ready:
+        return "ready: mailbox-relay deliver would deliver to this ingress"
+    return f"not ready (exit {report.exit_code})"

@@ -1,0 +1,214 @@
+"""`serve` against real HTTP clients: every status, dedup, concurrency, Maildir atomicity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+import pytest
+import requests
+
+from .peers import LocalServe, free_port
+
+MESSAGE = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: s\r\n\r\nbody \xff\r\n"
+AUTH = ("actionmailbox", "pw")
+RFC822 = {"Content-Type": "message/rfc822"}
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[LocalServe]:
+    with LocalServe(str(tmp_path / "inbox")) as server:
+        yield server
+
+
+def stored(server: LocalServe) -> List[bytes]:
+    new = Path(server.maildir.path) / "new"
+    return sorted(path.read_bytes() for path in new.iterdir())
+
+
+def test_accepts_and_stores_the_exact_bytes(serve: LocalServe) -> None:
+    response = requests.post(serve.url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10)
+    assert response.status_code == 204
+    assert stored(serve) == [MESSAGE]
+    assert os.listdir(Path(serve.maildir.path) / "tmp") == []
+    assert serve.lines[-1].endswith(f"204 {len(MESSAGE)} bytes new/" + serve.lines[-1].rsplit("new/")[1])
+
+
+def test_byte_identical_repost_is_a_204_that_stores_nothing(serve: LocalServe) -> None:
+    for _ in range(3):
+        assert (
+            requests.post(serve.url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10).status_code == 204
+        )
+    different = MESSAGE.replace(b"body", b"Body")
+    assert requests.post(serve.url, data=different, auth=AUTH, headers=RFC822, timeout=10).status_code == 204
+    assert stored(serve) == sorted([MESSAGE, different])
+    assert "duplicate, not stored" in serve.lines[1]
+
+
+def test_dedup_survives_a_restart(tmp_path: Path) -> None:
+    for _ in range(2):
+        with LocalServe(str(tmp_path / "inbox")) as server:
+            requests.post(server.url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10)
+    assert len(os.listdir(tmp_path / "inbox" / "new")) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "auth", "content_type", "body", "status"),
+    [
+        ("/rails/action_mailbox/postfix/inbound_emails", AUTH, "message/rfc822", MESSAGE, 404),
+        ("/", AUTH, "message/rfc822", MESSAGE, 404),
+        ("/rails/action_mailbox/relay/inbound_emails", None, "message/rfc822", MESSAGE, 401),
+        (
+            "/rails/action_mailbox/relay/inbound_emails",
+            ("actionmailbox", "no"),
+            "message/rfc822",
+            MESSAGE,
+            401,
+        ),
+        ("/rails/action_mailbox/relay/inbound_emails", ("someone", "pw"), "message/rfc822", MESSAGE, 401),
+        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "text/plain", MESSAGE, 415),
+        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "message/rfc822; charset=utf-8", MESSAGE, 204),
+        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "MESSAGE/RFC822", MESSAGE, 204),
+        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "message/rfc822", b"", 422),
+    ],
+)
+def test_answers_like_action_mailbox(
+    serve: LocalServe, path: str, auth: object, content_type: str, body: bytes, status: int
+) -> None:
+    response = requests.post(
+        serve.base + path,
+        data=body,
+        auth=auth,
+        headers={"Content-Type": content_type},
+        timeout=10,  # type: ignore[arg-type]
+    )
+    assert response.status_code == status
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="Action Mailbox"'
+    assert len(stored(serve)) == (1 if status == 204 else 0)
+
+
+def test_get_is_not_routed(serve: LocalServe) -> None:
+    assert requests.get(serve.url, auth=AUTH, timeout=10).status_code == 404
+
+
+def test_auth_is_checked_before_the_media_type(serve: LocalServe) -> None:
+    response = requests.post(serve.url, data=MESSAGE, auth=("actionmailbox", "no"), timeout=10)
+    assert response.status_code == 401  # as in Rails: configuration, password, then type
+
+
+def test_chunked_upload(serve: LocalServe) -> None:
+    response = requests.post(
+        serve.url, data=iter([MESSAGE[:10], MESSAGE[10:]]), auth=AUTH, headers=RFC822, timeout=10
+    )
+    assert response.status_code == 204
+    assert stored(serve) == [MESSAGE]
+
+
+def test_concurrent_posts_each_stored_once(serve: LocalServe) -> None:
+    messages = [MESSAGE.replace(b"Subject: s", b"Subject: %d" % n) for n in range(40)]
+
+    def post(body: bytes) -> int:
+        return requests.post(serve.url, data=body, auth=AUTH, headers=RFC822, timeout=30).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(post, messages + messages))
+    assert statuses == [204] * 80
+    assert stored(serve) == sorted(messages)
+
+
+def test_nothing_is_visible_in_new_until_the_whole_message_arrived(serve: LocalServe) -> None:
+    head = (
+        b"POST /rails/action_mailbox/relay/inbound_emails HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Basic YWN0aW9ubWFpbGJveDpwdw==\r\nContent-Type: message/rfc822\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(MESSAGE)
+    )
+    with socket.create_connection(("127.0.0.1", serve.port)) as conn:
+        conn.sendall(head + MESSAGE[:20])
+        time.sleep(0.3)
+        assert stored(serve) == []
+        assert os.listdir(Path(serve.maildir.path) / "tmp") == []
+        conn.sendall(MESSAGE[20:])
+        assert conn.recv(100).startswith(b"HTTP/1.1 204")
+    assert stored(serve) == [MESSAGE]
+
+
+def test_deliver_command_into_serve(serve: LocalServe, clean_env: Dict[str, str]) -> None:
+    env = {**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", "deliver", "--url", serve.base],
+        input=b"From x Mon\n" + MESSAGE,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert stored(serve) == [MESSAGE]
+    wrong = subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", "deliver", "--url", serve.base],
+        input=MESSAGE,
+        env={**env, "MAILBOX_RELAY_PASSWORD": "bad"},
+        capture_output=True,
+        timeout=60,
+    )
+    assert wrong.returncode == 75 and wrong.stderr.startswith(b"4.7.0 ")
+
+
+def test_the_serve_command_starts_logs_and_stops_on_ctrl_c(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    port = free_port()
+    maildir = tmp_path / "inbox"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailbox_relay", "serve", "--port", str(port), "--maildir", str(maildir)],
+        env={**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"},
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    first = process.stderr.readline().decode()
+    assert f"listening on http://127.0.0.1:{port}/rails/action_mailbox/relay/inbound_emails" in first
+    url = f"http://127.0.0.1:{port}/rails/action_mailbox/relay/inbound_emails"
+    assert requests.post(url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10).status_code == 204
+    assert b" 204 " in process.stderr.readline()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=10) == 0
+    assert b"stopped" in process.stderr.read()
+    assert [path.read_bytes() for path in (maildir / "new").iterdir()] == [MESSAGE]
+
+
+def test_serve_refuses_to_start_without_a_password(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", "serve", "--maildir", str(tmp_path / "m")],
+        env=clean_env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 78
+    assert b"serve needs a password" in result.stderr
+
+
+def test_serve_says_when_the_port_is_taken(
+    serve: LocalServe, tmp_path: Path, clean_env: Dict[str, str]
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailbox_relay",
+            "serve",
+            "--port",
+            str(serve.port),
+            "--maildir",
+            str(tmp_path / "m"),
+        ],
+        env={**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"},
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 69
+    assert f"cannot listen on 127.0.0.1:{serve.port}".encode() in result.stderr
