@@ -125,6 +125,8 @@ def make_handler(password: str, maildir: Maildir, log: Log) -> type[BaseHTTPRequ
 
         def _answer(self, status: int, text: str, size: int, authenticate: str = "", note: str = "") -> None:
             payload = text.encode()
+            # Logged before answering, so a client that saw the answer also sees its log line.
+            log(f"{self.client_address[0]} {self.command} {self.path} {status} {size} bytes {note}".rstrip())
             self.send_response_only(status)
             self.send_header("Date", self.date_time_string())
             if authenticate:
@@ -134,7 +136,6 @@ def make_handler(password: str, maildir: Maildir, log: Log) -> type[BaseHTTPRequ
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)
-            log(f"{self.client_address[0]} {self.command} {self.path} {status} {size} bytes {note}".rstrip())
 
         def log_message(self, format: str, *args: object) -> None:
             pass  # one concise line per request comes from _answer
