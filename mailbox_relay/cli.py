@@ -7,7 +7,6 @@ other commands import their machinery (rich, sqlite3, http.server) inside their 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
@@ -16,19 +15,12 @@ import click
 from mailbox_relay import __version__
 from mailbox_relay.outcome import QMAIL, RELAY_PATH, SYSEXITS, Kind, Outcome, Reason, exit_code
 from mailbox_relay.settings import FIELDS
+from mailbox_relay.signals import Interrupted, signals_interrupt
 
 F = Callable[..., Any]
 
 # Usage errors in commands that an MTA runs must not exit 2 (a bounce): they are temporary.
-_USAGE_EXIT = {"check": 64, "serve": 64}
-
-
-class Interrupted(BaseException):
-    """SIGTERM, SIGINT or SIGHUP arrived: stop and let the caller retry (exit 75)."""
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+_USAGE_EXIT = {"check": 64, "serve": 64, "import": 64}
 
 
 def _env_names(name: str) -> str:
@@ -173,6 +165,7 @@ def cli() -> None:
 
     \b
     deliver  one message from stdin (getmail, fetchmail, procmail, Postfix, Exim, qmail)
+    import   mbox files, Maildirs and .eml trees, resumably and fast
     check    diagnose the settings and the ingress without creating anything
     serve    a local relay ingress that answers like Action Mailbox, into a Maildir
     """
@@ -216,7 +209,7 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
     style = exit_style(options, os.environ)
     log = _stderr_log if verbose else _no_log
     notes: List[str] = []
-    with _signals_interrupt(), _captured_warnings(notes):
+    with signals_interrupt(), _captured_warnings(notes):
         try:
             outcome, style, more = deliver_message(
                 options, os.environ, lambda: read_message(file, sys.stdin.buffer), log
@@ -231,6 +224,139 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
         except Exception as error:  # the boundary: a crash must defer, never bounce
             outcome = _internal_error(error)
     return _finish(outcome, style, notes, verbose)
+
+
+IMPORT_HELP = """Import mbox files (optionally .gz), Maildirs and trees of .eml files.
+
+Each PATH is detected as an mbox file (starts with a From_ line), a Maildir (has cur/ and
+new/; flags are ignored), a directory of *.eml files, or a single .eml message. Messages are
+validated like `deliver` does, sent exactly as stored (minus the From_ line) with `--jobs`
+concurrent keep-alive connections, and retried like `deliver` (`--retry-for` per message).
+
+A journal (SQLite) records every delivered message, so a rerun after Ctrl-C, a crash or
+failures resumes: it sends only what is not yet delivered, and a completed rerun sends
+nothing. Inputs are never modified.
+
+\b
+Exit codes:
+   0  nothing left undelivered
+  75  some messages failed for a reason that may pass (run the same command again)
+  65  some messages are invalid (and none failed otherwise)
+  66  an input cannot be read; 64 usage error
+"""
+
+
+def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        date = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date such as 2024-01-31 or 2024-01-31T12:00") from None
+    return date if date.tzinfo else date.replace(tzinfo=timezone.utc)
+
+
+@cli.command(name="import", help=IMPORT_HELP)
+@connection_options
+@delivery_options
+@click.option("--jobs", type=int, metavar="N", help=_help("Concurrent deliveries.", "jobs", "4"))
+@click.option(
+    "--rate", type=float, metavar="N", help=_help("At most N messages a second.", "rate", "unlimited")
+)
+@click.option(
+    "--state",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help=_help("The resume journal (SQLite).", "state", "$XDG_STATE_HOME/mailbox-relay/import.sqlite3"),
+)
+@click.option("--no-state", is_flag=True, help="Keep no journal: a rerun sends everything again.")
+@click.option("--restart", is_flag=True, help="Forget earlier progress for these inputs first.")
+@click.option("--dry-run", is_flag=True, help="Read, split and validate everything; send nothing.")
+@click.option(
+    "--since", callback=_date, metavar="DATE", help="Only messages whose Date: is on or after DATE."
+)
+@click.option("--until", callback=_date, metavar="DATE", help="Only messages whose Date: is before DATE.")
+@click.option(
+    "--label",
+    multiple=True,
+    metavar="LABEL",
+    help="Only messages with this Gmail Takeout X-Gmail-Labels label (repeatable).",
+)
+@click.option(
+    "--exclude-label",
+    multiple=True,
+    metavar="LABEL",
+    help="Skip messages with this X-Gmail-Labels label, e.g. Spam, Trash, Chat (repeatable).",
+)
+@click.option(
+    "--mbox-format",
+    type=click.Choice(["mboxo", "mboxrd"]),
+    help=_help("mboxo sends bytes as stored; mboxrd strips one > from >From lines.", "mbox_format", "mboxo"),
+)
+@click.option(
+    "--failed-dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Write every message that could not be delivered there, as a Maildir message.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; a summary only if something failed.")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="PATH...")
+def import_(
+    paths: List[str],
+    verbose: bool,
+    no_state: bool,
+    restart: bool,
+    dry_run: bool,
+    label: List[str],
+    exclude_label: List[str],
+    failed_dir: Optional[str],
+    as_json: bool,
+    quiet: bool,
+    **options: Any,
+) -> int:
+    from mailbox_relay.importer import Filters, run_import, summary_lines
+    from mailbox_relay.outcome import RelayError
+    from mailbox_relay.progress import choose
+    from mailbox_relay.sources import NotASource
+
+    filters = Filters(
+        since=options.pop("since"),
+        until=options.pop("until"),
+        labels=frozenset(name.casefold() for name in label),
+        exclude_labels=frozenset(name.casefold() for name in exclude_label),
+    )
+    log = _no_log if quiet else _stderr_log
+    try:
+        with signals_interrupt():
+            summary = run_import(
+                options,
+                paths,
+                os.environ,
+                dry_run=dry_run,
+                use_state=not no_state,
+                restart=restart,
+                filters=filters,
+                failed_dir=failed_dir,
+                progress=choose(sys.stderr, quiet=quiet, fancy=not as_json),
+                log=log,
+            )
+    except RelayError as error:
+        click.echo(error.outcome.line(), err=True)
+        return SYSEXITS[error.outcome.kind]
+    except NotASource as error:
+        click.echo(f"mailbox-relay import: {error}", err=True)
+        return 66
+    if as_json:
+        import json
+
+        click.echo(json.dumps(summary.as_json(), indent=2))
+    elif not quiet or summary.exit_code():
+        for line in summary_lines(summary):
+            click.echo(line)
+    return summary.exit_code()
 
 
 CHECK_HELP = """Check that delivery would work, step by step, without creating an inbound email.
@@ -301,8 +427,9 @@ config file; serve refuses to start without one. Logs one line per request on st
     help="TOML config file (its password or password_file). [env: MAILBOX_RELAY_CONFIG]",
 )
 def serve(host: str, port: int, maildir: str, **options: Any) -> int:
+    from mailbox_relay.maildir import Maildir
     from mailbox_relay.outcome import ConfigError
-    from mailbox_relay.server import Maildir, make_server
+    from mailbox_relay.server import make_server
     from mailbox_relay.settings import open_layers
 
     try:
@@ -356,23 +483,6 @@ def _stderr_log(line: str) -> None:
 
 def _no_log(line: str) -> None:
     pass
-
-
-class _signals_interrupt:
-    """Turn SIGTERM/SIGINT/SIGHUP into `Interrupted` while a delivery runs."""
-
-    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
-
-    def __enter__(self) -> None:
-        self.previous = {}
-        for name in self.SIGNALS:
-            number = getattr(signal, name, None)
-            if number is not None:
-                self.previous[number] = signal.signal(number, _interrupt)
-
-    def __exit__(self, *exc: object) -> None:
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
 
 
 class _captured_warnings:

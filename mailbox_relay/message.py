@@ -9,7 +9,7 @@ deterministic `X-Original-To:` lines.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from mailbox_relay.outcome import InvalidMessage, Reason
@@ -25,6 +25,7 @@ class Prepared:
     raw: bytes
     start: int
     prefix: bytes
+    header: Sequence[bytes] = field(default=(), repr=False, compare=False)  # for filters
 
     @property
     def size(self) -> int:
@@ -153,4 +154,4 @@ def prepare(raw: bytes, *, recipients: Sequence[str] = (), max_size: Optional[in
     """Validate `raw` and work out the exact bytes to send (raises InvalidMessage)."""
     start, lines = validate(raw, max_size=max_size)
     prefix = original_to_prefix(lines, recipients, line_ending(raw, start)) if recipients else b""
-    return Prepared(raw, start, prefix)
+    return Prepared(raw, start, prefix, lines)

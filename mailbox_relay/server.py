@@ -9,66 +9,15 @@ bytes the Message-ID is identical too, so the SHA1 alone is the key.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
-import os
-import socket
-import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Callable, List, Optional
 
+from mailbox_relay.maildir import Maildir
 from mailbox_relay.outcome import RELAY_PATH
 
 Log = Callable[[str], None]
 UNAUTHORIZED_HEADER = 'Basic realm="Action Mailbox"'
-
-
-class Maildir:
-    """A Maildir that stores each distinct message once: tmp/, fsync, rename into new/."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(path, sub), exist_ok=True)
-        self._lock = threading.Lock()
-        self._keys: Set[str] = {self._key_of(name) for sub in ("new", "cur") for name in self._list(sub)}
-        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-
-    def _list(self, sub: str) -> list[str]:
-        return [name for name in os.listdir(os.path.join(self.path, sub)) if not name.startswith(".")]
-
-    @staticmethod
-    def _key_of(name: str) -> str:
-        parts = name.split(":")[0].split(".")
-        return parts[1] if len(parts) > 2 else name
-
-    def store(self, raw: bytes) -> Tuple[bool, str]:
-        """(stored?, file name). A duplicate of a stored message is not written again."""
-        key = hashlib.sha1(raw).hexdigest()
-        with self._lock:
-            if key in self._keys:
-                return False, key
-            name = f"{int(time.time())}.{key}.{self._host}"
-            self._write(name, raw)
-            self._keys.add(key)
-            return True, name
-
-    def _write(self, name: str, raw: bytes) -> None:
-        temporary = os.path.join(self.path, "tmp", name)
-        with open(temporary, "wb") as handle:
-            handle.write(raw)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, os.path.join(self.path, "new", name))
-        directory = os.open(os.path.join(self.path, "new"), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def count(self) -> int:
-        return len(self._list("new")) + len(self._list("cur"))
 
 
 def _authorized(header: Optional[str], password: str) -> bool:

@@ -51,10 +51,10 @@ def parse_seconds(value: Any, where: str) -> float:
     return float(_number(value, where, float))
 
 
-def parse_positive_seconds(value: Any, where: str) -> float:
+def parse_positive_number(value: Any, where: str) -> float:
     seconds = parse_seconds(value, where)
     if seconds == 0:
-        raise ConfigError(f"{where} must be more than 0 seconds")
+        raise ConfigError(f"{where} must be more than 0")
     return seconds
 
 
@@ -131,22 +131,22 @@ FIELDS: Dict[str, Field] = {
     "password_file": Field(_env("password_file"), parse_str),
     "exit_codes": Field(_env("exit_codes"), parse_choice("sysexits", "qmail"), "sysexits"),
     "envelope_recipient": Field(_env("envelope_recipient"), parse_recipients, ()),
-    "timeout": Field(_env("timeout"), parse_positive_seconds, 30.0),
+    "timeout": Field(_env("timeout"), parse_positive_number, 30.0),
     "retry_for": Field(_env("retry_for"), parse_seconds, 60.0),
     "max_size": Field(_env("max_size"), parse_size),
     "ca_bundle": Field(_env("ca_bundle"), parse_str),
     "insecure": Field(_env("insecure"), parse_bool, False),
     "user_agent": Field(_env("user_agent"), parse_str, f"mailbox-relay/{__version__}"),
     "allow_http": Field(_env("allow_http"), parse_bool, False),
+    # import
+    "jobs": Field(_env("jobs"), parse_count, 4),
+    "rate": Field(_env("rate"), parse_positive_number),
+    "state": Field(_env("state"), parse_str),
+    "mbox_format": Field(_env("mbox_format"), parse_choice("mboxo", "mboxrd"), "mboxo"),
 }
 
 # Keys a config file may hold beyond FIELDS (the password itself may live there, mode 0600).
 EXTRA_CONFIG_KEYS = {"password"}
-
-
-def register(name: str, spec: Field) -> None:
-    """Commands with settings of their own (import, serve) add them to the same precedence."""
-    FIELDS.setdefault(name, spec)
 
 
 def user_config_path(environ: Mapping[str, str]) -> str:
