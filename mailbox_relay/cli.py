@@ -330,19 +330,18 @@ def import_(
     )
     log = _no_log if quiet else _stderr_log
     try:
-        with signals_interrupt():
-            summary = run_import(
-                options,
-                paths,
-                os.environ,
-                dry_run=dry_run,
-                use_state=not no_state,
-                restart=restart,
-                filters=filters,
-                failed_dir=failed_dir,
-                progress=choose(sys.stderr, quiet=quiet, fancy=not as_json),
-                log=log,
-            )
+        summary = run_import(
+            options,
+            paths,
+            os.environ,
+            dry_run=dry_run,
+            use_state=not no_state,
+            restart=restart,
+            filters=filters,
+            failed_dir=failed_dir,
+            progress=choose(sys.stderr, quiet=quiet, fancy=not as_json),
+            log=log,
+        )
     except RelayError as error:
         click.echo(error.outcome.line(), err=True)
         return SYSEXITS[error.outcome.kind]
@@ -356,6 +355,12 @@ def import_(
     elif not quiet or summary.exit_code():
         for line in summary_lines(summary):
             click.echo(line)
+    if summary.abandoned:
+        # Worker threads still blocked in a post would be joined at interpreter exit; the user
+        # asked twice to stop, the journal is saved, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(summary.exit_code())
     return summary.exit_code()
 
 

@@ -23,7 +23,7 @@ from mailbox_relay.maildir import Maildir
 from mailbox_relay.message import Prepared, body_start, field_values, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason
 from mailbox_relay.settings import Settings, open_layers, settings_from
-from mailbox_relay.signals import Interrupted
+from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources import Source, detect
 
 MAX_LISTED_FAILURES = 1000  # the summary names this many; the counts cover them all
@@ -186,6 +186,7 @@ class Importer:
         self._pending: Dict[Future[Outcome], Item] = {}
         self._total_bytes = 0
         self._done_bytes = 0
+        self._signals = 0
 
     # --- reading --------------------------------------------------------------------------
 
@@ -193,25 +194,36 @@ class Importer:
         self._total_bytes = sum(source.size() for source in sources)
         pool = ThreadPoolExecutor(self.plan.jobs, thread_name_prefix="deliver")
         try:
-            for source in sources:
-                self.summary.sources.append({"path": source.path, "kind": source.kind})
-                self._read(source, pool)
-                self._done_bytes += source.size()
-            self._collect(everything=True)
-        except (KeyboardInterrupt, Interrupted):
-            self._stop(pool)
+            with stop_signals(self._signalled):
+                for source in sources:
+                    self.summary.sources.append({"path": source.path, "kind": source.kind})
+                    self._read(source, pool)
+                    self._done_bytes += source.size()
+                    if self._signals:
+                        break
+                self._drain()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             self.progress.close(self.summary)
         return self.summary
 
+    def _signalled(self) -> None:
+        """Ctrl-C, SIGTERM or SIGHUP: stop reading; a second one abandons in-flight posts.
+
+        A flag, not an exception, so a delivery is never half-counted or left unjournaled.
+        """
+        self._signals += 1
+        self.summary.interrupted = True
+
     def _read(self, source: Source, pool: ThreadPoolExecutor) -> None:
         for key, raw in source.messages():
+            if self._signals:
+                return
             self.summary.messages += 1
             item = self._admit(source.path, key, raw)
             if item is not None and not self.plan.dry_run:
                 self._throttle()
-                while len(self._pending) >= 2 * self.plan.jobs:
+                while len(self._pending) >= 2 * self.plan.jobs and not self._signals:
                     self._collect(everything=False)
                 self._pending[pool.submit(self._post, item)] = item
             elif item is not None:
@@ -262,9 +274,15 @@ class Importer:
     # --- collecting (this thread) -------------------------------------------------------------
 
     def _collect(self, *, everything: bool) -> None:
-        if not self._pending:
-            return
-        done, _ = wait(list(self._pending), return_when="ALL_COMPLETED" if everything else FIRST_COMPLETED)
+        """Record finished deliveries: the next one, or (everything) all that are pending."""
+        while self._pending and self._signals < 2:
+            done, _ = wait(list(self._pending), timeout=0.2, return_when=FIRST_COMPLETED)
+            if done:
+                self._record(done)
+                if not everything:
+                    return
+
+    def _record(self, done: Iterable[Future[Outcome]]) -> None:
         rows = []
         for future in done:
             item = self._pending.pop(future)
@@ -288,17 +306,14 @@ class Importer:
         if len(self.summary.failures) < MAX_LISTED_FAILURES:
             self.summary.failures.append(record)
 
-    def _stop(self, pool: ThreadPoolExecutor) -> None:
-        """Ctrl-C or SIGTERM: send nothing new, let in-flight posts finish; again abandons them."""
-        self.summary.interrupted = True
-        in_flight = len(self._pending)
-        if in_flight:
-            self.log(f"stopping: finishing {in_flight} in-flight deliveries (Ctrl-C again abandons them)")
-        try:
-            self._collect(everything=True)
-        except (KeyboardInterrupt, Interrupted):
-            self.summary.abandoned = len(self._pending)
-            self._pending.clear()
+    def _drain(self) -> None:
+        """Wait for in-flight posts; after a signal say so, and a second signal abandons them."""
+        if self._signals and self._pending:
+            self.log(
+                f"stopping: finishing {len(self._pending)} in-flight deliveries (Ctrl-C again abandons them)"
+            )
+        self._collect(everything=True)
+        self.summary.abandoned = len(self._pending)
 
 
 def _result(future: Future[Outcome]) -> Outcome:

@@ -38,6 +38,9 @@ def make_handler(password: str, maildir: Maildir, log: Log) -> type[BaseHTTPRequ
 
         def do_POST(self) -> None:
             body = self._read_body()
+            if body is None:  # the client went away mid-body: store nothing, answer nobody
+                self.close_connection = True
+                return
             if self.path.split("?")[0] != RELAY_PATH:
                 return self._answer(404, "Not Found\n", len(body))
             if not _authorized(self.headers.get("Authorization"), password):
@@ -51,25 +54,37 @@ def make_handler(password: str, maildir: Maildir, log: Log) -> type[BaseHTTPRequ
             self._answer(204, "", len(body), note=f"new/{name}" if stored else "duplicate, not stored")
 
         def _not_routed(self) -> None:
-            self._read_body()
-            self._answer(404, "Not Found\n", 0)
+            if self._read_body() is not None:
+                self._answer(404, "Not Found\n", 0)
 
         do_GET = do_PUT = do_DELETE = do_PATCH = _not_routed
 
-        def _read_body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                return self._read_chunked()
-            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        def _read_body(self) -> Optional[bytes]:
+            """The whole body, or None if the connection ended before all of it arrived."""
+            try:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    return self._read_chunked()
+                length = int(self.headers.get("Content-Length") or 0)
+            except (ValueError, OSError):
+                return None
+            body = self.rfile.read(length)
+            return body if len(body) == length else None
 
         def _read_chunked(self) -> bytes:
             chunks: List[bytes] = []
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = self.rfile.readline()
+                if not line:
+                    raise OSError("connection closed before the last chunk")
+                size = int(line.split(b";")[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    raise OSError("connection closed mid-chunk")
+                chunks.append(chunk)
                 self.rfile.readline()
 
         def _answer(self, status: int, text: str, size: int, authenticate: str = "", note: str = "") -> None:

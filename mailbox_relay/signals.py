@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import signal
-from typing import Any, Dict
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator
 
 
 class Interrupted(BaseException):
@@ -29,3 +31,22 @@ class signals_interrupt:
     def __exit__(self, *exc: object) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
+
+
+@contextmanager
+def stop_signals(handler: Callable[[], None]) -> Iterator[None]:
+    """Call `handler` (instead of raising) on SIGTERM/SIGINT/SIGHUP, for long-running work
+    that must finish its bookkeeping. Outside the main thread, signals are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: Dict[int, Any] = {}
+    for name in signals_interrupt.SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, lambda signum, frame: handler())
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from typing import List
 
 
@@ -96,30 +97,57 @@ class RawServer:
 
 
 class Ingress204(threading.Thread):
-    """A minimal HTTP(S) server answering 204 to every POST, recording bodies. For TLS tests."""
+    """A minimal HTTP(S) server answering 204 to every POST, recording bodies.
 
-    def __init__(self, ssl_context: object = None) -> None:
+    `delay` slows each answer; `fail_every=N` answers every Nth request with 500 instead (a busy
+    Rails on SQLite); `status` answers everything with that status.
+    """
+
+    def __init__(
+        self, ssl_context: object = None, *, delay: float = 0.0, fail_every: int = 0, status: int = 204
+    ) -> None:
         super().__init__(daemon=True)
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         bodies = self.bodies = []  # type: List[bytes]
+        self.requests = 0
+        self.status = status
+        lock = threading.Lock()
+        outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
-                bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(204)
+                length = int(self.headers["Content-Length"])
+                body = self.rfile.read(length)
+                if len(body) < length:  # the client went away mid-request: nothing arrived
+                    self.close_connection = True
+                    return
+                time.sleep(delay)
+                with lock:
+                    outer.requests += 1
+                    status = outer.status
+                    if fail_every and outer.requests % fail_every == 0:
+                        status = 500
+                    if status == 204:
+                        bodies.append(body)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         if ssl_context is not None:
             self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)  # type: ignore[attr-defined]
         self.port = int(self.server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}/rails/action_mailbox/relay/inbound_emails"
 
     def run(self) -> None:
-        self.server.serve_forever(poll_interval=0.1)
+        self.server.serve_forever(poll_interval=0.05)
 
     def __enter__(self) -> Ingress204:
         self.start()

@@ -142,6 +142,20 @@ def test_nothing_is_visible_in_new_until_the_whole_message_arrived(serve: LocalS
     assert stored(serve) == [MESSAGE]
 
 
+def test_a_client_that_goes_away_mid_body_stores_nothing(serve: LocalServe) -> None:
+    head = (
+        b"POST /rails/action_mailbox/relay/inbound_emails HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Basic YWN0aW9ubWFpbGJveDpwdw==\r\nContent-Type: message/rfc822\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", serve.port)) as conn:
+        conn.sendall(head + b"Content-Length: %d\r\n\r\n" % len(MESSAGE) + MESSAGE[:20])
+    with socket.create_connection(("127.0.0.1", serve.port)) as conn:
+        conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n14\r\n" + MESSAGE[:20] + b"\r\n")
+    time.sleep(0.3)
+    assert stored(serve) == []
+    assert requests.post(serve.url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10).status_code == 204
+
+
 def test_deliver_command_into_serve(serve: LocalServe, clean_env: Dict[str, str]) -> None:
     env = {**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"}
     result = subprocess.run(

@@ -1,0 +1,241 @@
+"""`import` end to end: into `serve` and test ingresses, resume after kill -9, flaky 5xx, filters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from .corpus import message, stored, write_eml_tree, write_maildir, write_mbox
+from .peers import Ingress204, LocalServe
+from .test_cli import invoke
+
+
+def run_import(args: List[str], env: Dict[str, str]) -> tuple[int, str, str]:
+    return invoke(["import", *args], stdin=b"", env={"MAILBOX_RELAY_PASSWORD": "pw", **env})
+
+
+def summary(args: List[str], env: Dict[str, str]) -> tuple[int, Dict[str, object]]:
+    code, out, err = run_import(["--json", *args], env)
+    assert out, err
+    return code, json.loads(out)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> str:
+    return str(tmp_path / "state.sqlite3")
+
+
+def test_mbox_into_serve_exact_bytes_then_a_rerun_sends_nothing(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    messages = [message(n) for n in range(50)]
+    mbox = write_mbox(tmp_path / "in.mbox", messages)
+    with LocalServe(str(tmp_path / "inbox")) as serve:
+        code, report = summary(["--url", serve.base, "--state", state, str(mbox)], {})
+        assert code == 0
+        assert (report["messages"], report["delivered"], report["failed"]) == (50, 50, 0)
+        assert stored(serve.maildir.path) == sorted(messages)
+        posts = len(serve.lines)
+        code, report = summary(["--url", serve.base, "--state", state, str(mbox)], {})
+        assert (code, report["delivered"], report["already_delivered"]) == (0, 0, 50)
+        assert len(serve.lines) == posts  # nothing was sent again
+        code, report = summary(["--url", serve.base, "--state", state, "--restart", str(mbox)], {})
+        assert (report["delivered"], len(serve.lines)) == (50, posts + 50)
+        assert len(stored(serve.maildir.path)) == 50  # re-sent bytes are deduplicated, as in Rails
+
+
+def test_maildir_and_eml_tree_in_one_run(tmp_path: Path, clean_env: Dict[str, str], state: str) -> None:
+    maildir = write_maildir(tmp_path / "Maildir", [message(n) for n in range(7)])
+    tree = write_eml_tree(tmp_path / "export", [message(n) for n in range(100, 105)])
+    with LocalServe(str(tmp_path / "inbox")) as serve:
+        code, out, err = run_import(["--url", serve.base, "--state", state, str(maildir), str(tree)], {})
+        assert code == 0, err
+        assert len(stored(serve.maildir.path)) == 12
+    assert "reading as Maildir" in err and "reading as .eml files" in err
+    assert "12 messages" in out and "12 delivered" in out
+
+
+def test_a_flaky_ingress_ends_with_every_message_delivered(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    messages = [message(n) for n in range(24)]
+    mbox = write_mbox(tmp_path / "in.mbox", messages)
+    with Ingress204(fail_every=3) as ingress:  # every third post answers 500, like a busy Rails
+        code, report = summary(["--url", ingress.url, "--state", state, "--jobs", "4", str(mbox)], {})
+    assert code == 0, report
+    assert report["delivered"] == 24 and report["failed"] == 0
+    assert sorted(ingress.bodies) == sorted(messages)
+    assert ingress.requests > 24
+
+
+def test_failures_that_remain_exit_75_land_in_failed_dir_and_a_rerun_finishes(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    messages = [message(n) for n in range(6)]
+    mbox = write_mbox(tmp_path / "in.mbox", messages)
+    failed = tmp_path / "failed"
+    with Ingress204(status=503) as ingress:
+        args = ["--url", ingress.url, "--state", state, "--retry-for", "0", "--failed-dir", str(failed)]
+        code, report = summary([*args, str(mbox)], {})
+        assert code == 75
+        assert report["failed"] == 6 and report["delivered"] == 0
+        assert report["top_failure_reasons"][0]["reason"].startswith("4.3.0 ingress failed with HTTP 503")  # type: ignore[index]
+        assert stored(str(failed)) == sorted(messages)
+        ingress.status = 204
+        code, report = summary([*args, str(mbox)], {})
+    assert (code, report["delivered"]) == (0, 6)
+
+
+def test_invalid_messages_are_65_and_saved(tmp_path: Path, clean_env: Dict[str, str], state: str) -> None:
+    bad = b"this is not a header\n\nbody\n"
+    mbox = write_mbox(tmp_path / "in.mbox", [message(0), bad, message(2)])
+    with Ingress204() as ingress:
+        code, report = summary(
+            ["--url", ingress.url, "--state", state, "--failed-dir", str(tmp_path / "f"), str(mbox)], {}
+        )
+    assert code == 65
+    assert (report["delivered"], report["invalid"]) == (2, 1)
+    failure = report["failures"][0]  # type: ignore[index]
+    assert "line 2 is not a header field" in failure["reason"]
+    assert stored(str(tmp_path / "f")) == [bad]
+
+
+def test_filters_on_labels_and_dates(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    messages = [
+        message(0, labels="Inbox,Important", date="Mon, 01 Jan 2024 10:00:00 +0000"),
+        message(1, labels="Spam", date="Mon, 01 Jan 2024 10:00:00 +0000"),
+        message(2, labels='"Trash",Inbox', date="Fri, 01 Mar 2024 10:00:00 +0000"),
+        message(3, labels="Chat", date="Sat, 01 Jun 2024 10:00:00 +0000"),
+        message(4, labels="Inbox", date="not a date"),
+    ]
+    mbox = str(write_mbox(tmp_path / "takeout.mbox", messages))
+
+    def delivered(*args: str) -> int:
+        code, report = summary(["--dry-run", *args, mbox], {})
+        assert code == 0
+        assert report["messages"] == 5
+        return int(report["delivered"])  # type: ignore[call-overload]
+
+    assert delivered() == 5
+    assert delivered("--exclude-label", "spam", "--exclude-label", "Trash", "--exclude-label", "Chat") == 2
+    assert delivered("--label", "inbox") == 3
+    assert delivered("--since", "2024-02-01") == 3  # March, June, and the undated one
+    assert delivered("--since", "2024-02-01", "--until", "2024-04-01") == 2
+
+
+def test_dry_run_needs_no_ingress_and_counts(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    mbox = write_mbox(tmp_path / "in.mbox", [message(0), b"garbage\n", message(2)])
+    code, out, _ = invoke(["import", "--dry-run", str(mbox)], stdin=b"", env={})
+    assert code == 65
+    assert "3 messages" in out and "2 valid (would be delivered)" in out and "1 invalid" in out
+
+
+def test_unreadable_input_and_bad_settings(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    assert run_import(["--url", "http://127.0.0.1:9", str(tmp_path / "nope.mbox")], {})[0] == 66
+    mbox = write_mbox(tmp_path / "in.mbox", [message(0)])
+    code, _, err = invoke(["import", str(mbox)], stdin=b"", env={})
+    assert code == 75 and err.startswith("4.3.5 no ingress URL")
+    assert invoke(["import"], stdin=b"", env={})[0] == 64
+    assert invoke(["import", "--since", "yesterday", str(mbox)], stdin=b"", env={})[0] == 64
+
+
+def test_no_state_sends_everything_again(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(3)])
+    with Ingress204() as ingress:
+        for _ in range(2):
+            assert run_import(["--url", ingress.url, "--no-state", "-q", str(mbox)], {})[0] == 0
+    assert len(ingress.bodies) == 6
+
+
+def import_process(args: List[str], env: Dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mailbox_relay", "import", *args],
+        env={**env, "MAILBOX_RELAY_PASSWORD": "pw"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def journal_rows(state: str) -> int:
+    with sqlite3.connect(state) as db:
+        return int(db.execute("SELECT count(*) FROM delivered").fetchone()[0])
+
+
+def wait_for(condition: object, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_resume_after_kill_9_resends_at_most_what_was_in_flight(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    total, jobs = 200, 4
+    messages = [message(n) for n in range(total)]
+    mbox = write_mbox(tmp_path / "in.mbox", messages)
+    with Ingress204(delay=0.02) as ingress:
+        args = ["--url", ingress.url, "--state", state, "--jobs", str(jobs), "-q", str(mbox)]
+        process = import_process(args, clean_env)
+        wait_for(lambda: len(ingress.bodies) >= 40)
+        process.kill()
+        process.wait(10)
+        time.sleep(0.3)  # let the posts already on the wire finish on the server side
+        accepted_before, journaled = len(ingress.bodies), journal_rows(state)
+        assert 0 < journaled <= accepted_before
+        assert accepted_before - journaled <= 2 * jobs  # only in-flight messages were unrecorded
+        code, _, err = run_import(args, {})
+        assert code == 0, err
+    assert len(ingress.bodies) - accepted_before == total - journaled  # the rerun sent exactly the rest
+    assert set(ingress.bodies) == set(messages)
+
+
+def test_ctrl_c_stops_cleanly_saves_state_and_prints_the_summary(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    messages = [message(n) for n in range(300)]
+    mbox = write_mbox(tmp_path / "in.mbox", messages)
+    with Ingress204(delay=0.02) as ingress:
+        args = ["--url", ingress.url, "--state", state, "--jobs", "2", str(mbox)]
+        process = import_process(args, clean_env)
+        wait_for(lambda: len(ingress.bodies) >= 20)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 75, err
+        assert b"interrupted: run the same command again to resume" in out
+        delivered_then = len(ingress.bodies)
+        assert journal_rows(state) == delivered_then  # in-flight posts were finished and recorded
+        code, out_text, _ = run_import(args, {})
+    assert code == 0
+    assert len(ingress.bodies) == 300 and set(ingress.bodies) == set(messages)
+    assert f"{delivered_then} already delivered" in out_text
+
+
+def test_plain_progress_lines_when_not_a_terminal(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    from mailbox_relay.importer import Summary
+    from mailbox_relay.progress import PlainProgress
+
+    class Stream:
+        text = ""
+
+        def write(self, text: str) -> None:
+            self.text += text
+
+        def flush(self) -> None:
+            pass
+
+    stream = Stream()
+    progress = PlainProgress(stream, interval=0)  # type: ignore[arg-type]
+    done = Summary(messages=10, delivered=9, failed=1)
+    progress.update(done, 500_000, 1_000_000)
+    assert stream.text.startswith("import: 10 messages, 9 delivered, 1 failed; 0.5 MB of 1.0 MB;")
+    assert os.linesep in stream.text
