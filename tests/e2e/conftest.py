@@ -1,0 +1,64 @@
+"""Fixtures for the end-to-end suite: one Dovecot and one Rails app per run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator
+
+import pytest
+
+from .world import Dovecot, RailsApp, build_app_template, need, relay_command
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    need("dovecot")
+    server = Dovecot(Path("/tmp") / f"mailbox-relay-e2e-dovecot-{os.getpid()}")
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rails_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RailsApp]:
+    need("rails", "ruby", "bundle")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mailbox-relay-e2e"
+    cache.mkdir(parents=True, exist_ok=True)
+    template = build_app_template(cache)
+    root = tmp_path_factory.mktemp("rails") / "app"
+    shutil.copytree(template, root, symlinks=True)
+    app = RailsApp(root)
+    app.url = app.serve()
+    yield app
+    app.stop()
+
+
+@pytest.fixture
+def rails(rails_app: RailsApp) -> RailsApp:
+    rails_app.reset()
+    return rails_app
+
+
+@pytest.fixture
+def relay_env(rails: RailsApp) -> Dict[str, str]:
+    """The environment a mail program passes on to mailbox-relay, pointing at the Rails app."""
+    return {
+        **os.environ,
+        "MAILBOX_RELAY_URL": rails.url,
+        "MAILBOX_RELAY_PASSWORD": rails.password,
+        "MAILBOX_RELAY_RETRY_FOR": "2",
+    }
+
+
+@pytest.fixture(scope="session")
+def relay() -> str:
+    return relay_command()

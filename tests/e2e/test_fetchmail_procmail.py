@@ -1,0 +1,72 @@
+"""Scenarios 3 and 4: fetchmail's mda with %T, and procmail's `:0 w` pipe with its fallback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Dict
+
+from .world import Dovecot, RailsApp, message, need
+
+
+def test_fetchmail_passes_the_envelope_recipient_that_rails_routes_on(
+    tmp_path: Path, dovecot: Dovecot, rails: RailsApp, relay: str, relay_env: Dict[str, str]
+) -> None:
+    need("fetchmail")
+    user = dovecot.new_user()
+    dovecot.append(user, [message("to a list", to="list@example.com")])
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(
+        "set no syslog\n"
+        f"poll 127.0.0.1 protocol imap port {dovecot.port} auth password\n"
+        f'  user "{user}" there with password "secret-{user}" is "support@example.com" here\n'
+        "  sslproto ''\n"
+        f'  mda "{relay} deliver --envelope-recipient %T"\n'
+    )
+    rc.chmod(0o600)
+    env = {**relay_env, "FETCHMAILHOME": str(tmp_path)}
+    result = subprocess.run(
+        ["fetchmail", "-f", str(rc), "--pidfile", str(tmp_path / "pid")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert rails.stored() == 1
+    (routed,) = rails.routed(1)
+    assert "support@example.com" in routed["recipients"]  # type: ignore[operator]
+    assert "list@example.com" in routed["recipients"]  # type: ignore[operator]
+    assert dovecot.count(user) == 0
+
+
+def procmail(rc: Path, raw: bytes) -> subprocess.CompletedProcess[bytes]:
+    # procmail clears the environment anyway; start it nearly empty, as an MTA would.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(rc.parent)}
+    return subprocess.run(["procmail", "-m", str(rc)], input=raw, env=env, capture_output=True, timeout=60)
+
+
+def procmailrc(directory: Path, relay: str, url: str, password: str) -> Path:
+    rc = directory / "procmailrc"
+    rc.write_text(
+        f"MAILBOX_RELAY_URL={url}\nMAILBOX_RELAY_PASSWORD={password}\nMAILBOX_RELAY_RETRY_FOR=1\n"
+        f"DEFAULT={directory}/fallback.mbox\nLOGFILE={directory}/procmail.log\n\n"
+        f":0 w\n| {relay} deliver\n"
+    )
+    return rc
+
+
+def test_procmail_delivers_and_on_failure_falls_through_to_default(
+    tmp_path: Path, rails: RailsApp, relay: str
+) -> None:
+    need("procmail")
+    good = procmailrc(tmp_path, relay, rails.url, rails.password)
+    assert procmail(good, message("through procmail")).returncode == 0
+    assert rails.stored() == 1
+    assert not (tmp_path / "fallback.mbox").exists()
+
+    bad = procmailrc(tmp_path, relay, rails.url, "wrong")
+    assert procmail(bad, message("kept by procmail")).returncode == 0
+    assert rails.stored() == 1
+    fallback = (tmp_path / "fallback.mbox").read_bytes()
+    assert fallback.count(b"Subject: ") == 1  # nothing lost: it is in $DEFAULT
+    assert b"Subject: kept by procmail" in fallback
+    log = (tmp_path / "procmail.log").read_text()
+    assert "4.7.0 ingress rejected the password" in log
