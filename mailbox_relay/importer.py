@@ -78,6 +78,47 @@ def message_date(header: Sequence[bytes]) -> Optional[datetime]:
     return None
 
 
+class AdaptiveConcurrency:
+    """How many posts may be on the wire at once: halved when the ingress struggles (5xx, 408,
+    429, timeouts), grown by one per window of successes, up to --jobs (AIMD, as TCP does).
+
+    A Rails app on SQLite answers concurrent posts with 500 "database is locked"; backing off
+    the concurrency, not only the retries, is what lets every message through.
+    """
+
+    STRUGGLING = (Reason.SERVER_ERROR, Reason.BUSY, Reason.TIMEOUT)
+
+    def __init__(self, maximum: int, log: Callable[[str], None] = lambda line: None) -> None:
+        self.maximum = maximum
+        self.limit = float(maximum)
+        self.active = 0
+        self.log = log
+        self._condition = threading.Condition()
+
+    def before(self) -> float:
+        started = time.monotonic()
+        with self._condition:
+            while self.active >= int(self.limit):
+                self._condition.wait()
+            self.active += 1
+        return time.monotonic() - started
+
+    def after(self, outcome: Outcome) -> None:
+        with self._condition:
+            self.active -= 1
+            before = int(self.limit)
+            if outcome.reason in self.STRUGGLING:
+                self.limit = max(1.0, self.limit / 2)
+            elif outcome.delivered:
+                self.limit = min(float(self.maximum), self.limit + 1 / self.limit)
+            if int(self.limit) != before:
+                self.log(
+                    f"{outcome.line() if int(self.limit) < before else 'ingress keeps up'}: "
+                    f"{int(self.limit)} concurrent deliveries"
+                )
+            self._condition.notify_all()
+
+
 @dataclass
 class Item:
     source: str
@@ -187,6 +228,7 @@ class Importer:
         self._total_bytes = 0
         self._done_bytes = 0
         self._signals = 0
+        self._pacer = AdaptiveConcurrency(plan.jobs, log)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -269,7 +311,7 @@ class Importer:
         session = getattr(self._local, "session", None)
         if session is None:  # one keep-alive session per worker thread
             session = self._local.session = make_session(self.settings)
-        return post_with_retry(session, self.settings, item.prepared)
+        return post_with_retry(session, self.settings, item.prepared, pacer=self._pacer)
 
     # --- collecting (this thread) -------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 from urllib.parse import urlsplit
 
 import requests
@@ -206,6 +206,16 @@ class Backoff:
         return ceiling * (0.5 + self.random() / 2)
 
 
+class Pacer(Protocol):
+    """Paces attempts across threads (import): may hold an attempt back, learns from outcomes."""
+
+    def before(self) -> float:
+        """Block until this attempt may start; return the seconds spent waiting."""
+        ...
+
+    def after(self, outcome: Outcome) -> None: ...
+
+
 @dataclass
 class Clock:
     """Time, injected so tests can drive the retry loop without waiting."""
@@ -222,10 +232,12 @@ def post_with_retry(
     clock: Optional[Clock] = None,
     backoff: Optional[Backoff] = None,
     log: Callable[[str], None] = lambda line: None,
+    pacer: Optional[Pacer] = None,
 ) -> Outcome:
     """Post until delivered, a non-retryable answer, or the --retry-for budget is spent.
 
     The budget bounds when the last attempt may start; that attempt may take up to --timeout.
+    Time spent waiting for the pacer does not count against the budget.
     """
     clock = clock or Clock()
     backoff = backoff or Backoff()
@@ -234,7 +246,11 @@ def post_with_retry(
     attempt = 0
     while True:
         attempt += 1
+        if pacer is not None:
+            deadline += pacer.before()
         outcome = post_once(session, settings, prepared)
+        if pacer is not None:
+            pacer.after(outcome)
         if outcome.delivered or not outcome.reason.retry:
             return outcome.after(attempt, clock.now() - started)
         wait = backoff.delay(attempt) if outcome.retry_after is None else outcome.retry_after

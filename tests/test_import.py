@@ -239,3 +239,29 @@ def test_plain_progress_lines_when_not_a_terminal(tmp_path: Path, clean_env: Dic
     progress.update(done, 500_000, 1_000_000)
     assert stream.text.startswith("import: 10 messages, 9 delivered, 1 failed; 0.5 MB of 1.0 MB;")
     assert os.linesep in stream.text
+
+
+def test_adaptive_concurrency_halves_on_struggle_and_grows_back() -> None:
+    from mailbox_relay.importer import AdaptiveConcurrency
+    from mailbox_relay.outcome import DELIVERED, Outcome, Reason
+
+    lines: List[str] = []
+    pacer = AdaptiveConcurrency(8, lines.append)
+    for _ in range(8):
+        assert pacer.before() >= 0
+    assert pacer.active == 8
+    pacer.after(Outcome(Reason.SERVER_ERROR, "ingress failed with HTTP 500"))
+    assert int(pacer.limit) == 4
+    assert lines == ["4.3.0 ingress failed with HTTP 500: 4 concurrent deliveries"]
+    for reason in (Reason.TIMEOUT, Reason.BUSY, Reason.SERVER_ERROR, Reason.SERVER_ERROR):
+        pacer.after(Outcome(reason, "x"))
+    assert pacer.limit == 1.0  # never below one
+    pacer.after(Outcome(Reason.AUTH, "x"))  # not a sign of load: no change
+    assert pacer.limit == 1.0
+    pacer.after(DELIVERED)
+    pacer.after(DELIVERED)
+    assert pacer.active == 0 and int(pacer.limit) == 2
+    for _ in range(100):
+        pacer.before()
+        pacer.after(DELIVERED)
+    assert pacer.limit == 8.0  # back to --jobs, and no further

@@ -62,3 +62,9 @@ def relay_env(rails: RailsApp) -> Dict[str, str]:
 @pytest.fixture(scope="session")
 def relay() -> str:
     return relay_command()
+
+
+@pytest.fixture(scope="session")
+def unconfigured_url(rails_app: RailsApp) -> str:
+    """A second server of the same app, started without the relay ingress (it answers 404)."""
+    return rails_app.serve(ingress="none")

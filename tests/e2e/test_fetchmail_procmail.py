@@ -27,7 +27,10 @@ def test_fetchmail_passes_the_envelope_recipient_that_rails_routes_on(
     env = {**relay_env, "FETCHMAILHOME": str(tmp_path)}
     result = subprocess.run(
         ["fetchmail", "-f", str(rc), "--pidfile", str(tmp_path / "pid")],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert rails.stored() == 1

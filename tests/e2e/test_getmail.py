@@ -14,8 +14,7 @@ from ..peers import free_port
 from .world import Dovecot, RailsApp, message, need
 
 CURL_RELAY = (
-    'curl -sS -u "actionmailbox:$INGRESS_PASSWORD" -H "Content-Type: message/rfc822" '
-    '--data-binary @- "$URL"'
+    'curl -sS -u "actionmailbox:$INGRESS_PASSWORD" -H "Content-Type: message/rfc822" --data-binary @- "$URL"'
 )
 
 
@@ -42,7 +41,10 @@ def getmailrc(directory: Path, dovecot: Dovecot, user: str, path: str, arguments
 def getmail(rc: Path, env: Dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["getmail", "--getmaildir", str(rc.parent), "--rcfile", rc.name],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -79,7 +81,10 @@ def test_failures_keep_the_mail_and_the_curl_relay_loses_it(
     relay_url = rails.url + "/rails/action_mailbox/relay/inbound_emails"
 
     failures = {
-        "wrong password": ({"MAILBOX_RELAY_PASSWORD": "wrong"}, {"INGRESS_PASSWORD": "wrong", "URL": relay_url}),
+        "wrong password": (
+            {"MAILBOX_RELAY_PASSWORD": "wrong"},
+            {"INGRESS_PASSWORD": "wrong", "URL": relay_url},
+        ),
         "closed port": ({"MAILBOX_RELAY_URL": closed}, {"INGRESS_PASSWORD": rails.password, "URL": closed}),
     }
     for name, (ours_env, curl_env) in failures.items():

@@ -30,8 +30,10 @@ def need(*programs: str) -> None:
     """Skip (a failure under CI=true) when a peer program is missing."""
     missing = [program for program in programs if shutil.which(program) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (Debian: apt-get install getmail6 fetchmail procmail "
-                    "dovecot-imapd ruby-rails ruby-sqlite3 puma)")
+        pytest.skip(
+            f"needs {', '.join(missing)} (Debian: apt-get install getmail6 fetchmail procmail "
+            "dovecot-imapd ruby-rails ruby-sqlite3 puma)"
+        )
 
 
 def relay_command() -> str:
@@ -172,9 +174,23 @@ def _ensure_mail_user() -> None:
 # --- Rails -------------------------------------------------------------------------------------
 
 _RAILS_NEW = [
-    "rails", "new", "app", "--skip-bundle", "--skip-git", "--skip-javascript", "--skip-webpack-install",
-    "--skip-action-cable", "--skip-sprockets", "--skip-spring", "--skip-listen", "--skip-bootsnap",
-    "--skip-test", "--skip-system-test", "--skip-turbolinks", "--skip-jbuilder", "--skip-action-text",
+    "rails",
+    "new",
+    "app",
+    "--skip-bundle",
+    "--skip-git",
+    "--skip-javascript",
+    "--skip-webpack-install",
+    "--skip-action-cable",
+    "--skip-sprockets",
+    "--skip-spring",
+    "--skip-listen",
+    "--skip-bootsnap",
+    "--skip-test",
+    "--skip-system-test",
+    "--skip-turbolinks",
+    "--skip-jbuilder",
+    "--skip-action-text",
     "--database=sqlite3",
 ]
 
@@ -219,8 +235,10 @@ def build_app_template(cache: Path) -> Path:
     if (template / "app" / "db" / "development.sqlite3").exists():
         return template / "app"
     building = Path(tempfile.mkdtemp(dir=cache))
-    run = lambda args, **kw: subprocess.run(args, cwd=kw.get("cwd", building), check=True,  # noqa: E731
-                                            capture_output=True, timeout=300)
+
+    def run(args: List[str], cwd: Path = building) -> None:
+        subprocess.run(args, cwd=cwd, check=True, capture_output=True, timeout=300)
+
     run(_RAILS_NEW)
     app = building / "app"
     (app / "Gemfile").write_text(_GEMFILE)
@@ -252,7 +270,10 @@ class RailsApp:
         env = {**os.environ, "RAILS_INBOUND_EMAIL_PASSWORD": self.password, "E2E_INGRESS": ingress}
         process = subprocess.Popen(
             ["bin/rails", "server", "-b", "127.0.0.1", "-p", str(port), "-P", f"tmp/pids/{port}.pid"],
-            cwd=self.root, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
         )
         self.servers.append(process)
         wait_for_port(port, process, 90, log)
