@@ -2,4 +2,6 @@
 
 from mailbox_relay.cli import main
 
-main()
+# Guarded: import's worker processes (spawn) import the parent's __main__ module.
+if __name__ == "__main__":
+    main()

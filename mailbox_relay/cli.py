@@ -341,6 +341,7 @@ def import_(
             failed_dir=failed_dir,
             progress=choose(sys.stderr, quiet=quiet, fancy=not as_json),
             log=log,
+            quiet=quiet,
         )
     except RelayError as error:
         click.echo(error.outcome.line(), err=True)
@@ -539,6 +540,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     except click.ClickException as error:
         return _usage_error(error, args)
     except click.exceptions.Abort:
+        return SYSEXITS[Kind.TEMPORARY]
+    except Exception as error:  # the last boundary: a crash is temporary, never exit 1
+        click.echo(_internal_error(error).line(), err=True)
         return SYSEXITS[Kind.TEMPORARY]
     return result if isinstance(result, int) else 0
 

@@ -1,31 +1,47 @@
 """`import`: deliver every message of mbox files, Maildirs and .eml trees, resumably.
 
-The reader (this thread) splits, validates, filters and consults the journal; a pool of workers
-posts with the same session factory and retry loop as `deliver`. At most `2 x jobs` messages are
-held at once, so memory stays flat whatever the input size. Finished deliveries are journaled in
-one transaction per batch, so a rerun after a crash re-sends at most what was in flight.
+The reader (this process) splits, validates, filters and consults the journal; worker
+processes post with the same session factory and retry loop as `deliver` (see workers.py).
+At most `2 x jobs` messages are held at once, so memory stays flat whatever the input size.
+Finished deliveries are journaled in one transaction per batch, so a rerun after a crash
+re-sends at most what was in flight.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Protocol, Sequence
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+)
 
 from mailbox_relay.journal import Journal, default_path
 from mailbox_relay.maildir import Maildir
-from mailbox_relay.message import Prepared, body_start, field_values, prepare
+from mailbox_relay.message import Prepared, body_start, field_values, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason
 from mailbox_relay.settings import Settings, open_layers, settings_from
 from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources import Source, detect
+from mailbox_relay.workers import deliver_batch, start_workers
 
+BATCH_SECONDS = 0.05  # a worker's task is about this much posting,
+BATCH_MESSAGES = 16  # and never more than this many messages or BATCH_BYTES
+BATCH_BYTES = 1024 * 1024
 MAX_LISTED_FAILURES = 1000  # the summary names this many; the counts cover them all
 
 
@@ -76,47 +92,6 @@ def message_date(header: Sequence[bytes]) -> Optional[datetime]:
             return None
         return date if date.tzinfo else date.replace(tzinfo=timezone.utc)
     return None
-
-
-class AdaptiveConcurrency:
-    """How many posts may be on the wire at once: halved when the ingress struggles (5xx, 408,
-    429, timeouts), grown by one per window of successes, up to --jobs (AIMD, as TCP does).
-
-    A Rails app on SQLite answers concurrent posts with 500 "database is locked"; backing off
-    the concurrency, not only the retries, is what lets every message through.
-    """
-
-    STRUGGLING = (Reason.SERVER_ERROR, Reason.BUSY, Reason.TIMEOUT)
-
-    def __init__(self, maximum: int, log: Callable[[str], None] = lambda line: None) -> None:
-        self.maximum = maximum
-        self.limit = float(maximum)
-        self.active = 0
-        self.log = log
-        self._condition = threading.Condition()
-
-    def before(self) -> float:
-        started = time.monotonic()
-        with self._condition:
-            while self.active >= int(self.limit):
-                self._condition.wait()
-            self.active += 1
-        return time.monotonic() - started
-
-    def after(self, outcome: Outcome) -> None:
-        with self._condition:
-            self.active -= 1
-            before = int(self.limit)
-            if outcome.reason in self.STRUGGLING:
-                self.limit = max(1.0, self.limit / 2)
-            elif outcome.delivered:
-                self.limit = min(float(self.maximum), self.limit + 1 / self.limit)
-            if int(self.limit) != before:
-                self.log(
-                    f"{outcome.line() if int(self.limit) < before else 'ingress keeps up'}: "
-                    f"{int(self.limit)} concurrent deliveries"
-                )
-            self._condition.notify_all()
 
 
 @dataclass
@@ -203,6 +178,7 @@ class Plan:
     filters: Filters = field(default_factory=Filters)
     recipients: Sequence[str] = ()
     max_size: Optional[int] = None
+    quiet: bool = False  # workers log concurrency changes unless quiet
 
 
 class Importer:
@@ -223,18 +199,19 @@ class Importer:
         self.progress = progress or NoProgress()
         self.log = log
         self.summary = Summary(dry_run=plan.dry_run)
-        self._local = threading.local()
-        self._pending: Dict[Future[Outcome], Item] = {}
+        self._pending: Dict[Future[Tuple[List[Outcome], float]], List[Item]] = {}
+        self._seconds_per_message = 1.0  # measured as batches come back
+        self._batch: List[Item] = []
+        self._batch_bytes = 0
         self._total_bytes = 0
         self._done_bytes = 0
         self._signals = 0
-        self._pacer = AdaptiveConcurrency(plan.jobs, log)
 
     # --- reading --------------------------------------------------------------------------
 
     def run(self, sources: Sequence[Source]) -> Summary:
         self._total_bytes = sum(source.size() for source in sources)
-        pool = ThreadPoolExecutor(self.plan.jobs, thread_name_prefix="deliver")
+        pool = None if self.plan.dry_run else start_workers(self.settings, self.plan.jobs, self.plan.quiet)
         try:
             with stop_signals(self._signalled):
                 for source in sources:
@@ -245,7 +222,8 @@ class Importer:
                         break
                 self._drain()
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=not self._pending, cancel_futures=True)
             self.progress.close(self.summary)
         return self.summary
 
@@ -257,20 +235,43 @@ class Importer:
         self._signals += 1
         self.summary.interrupted = True
 
-    def _read(self, source: Source, pool: ThreadPoolExecutor) -> None:
+    def _read(self, source: Source, pool: Optional[Executor]) -> None:
         for key, raw in source.messages():
             if self._signals:
                 return
             self.summary.messages += 1
             item = self._admit(source.path, key, raw)
-            if item is not None and not self.plan.dry_run:
+            if item is not None and pool is not None:
                 self._throttle()
-                while len(self._pending) >= 2 * self.plan.jobs and not self._signals:
-                    self._collect(everything=False)
-                self._pending[pool.submit(self._post, item)] = item
+                self._batch.append(item)
+                self._batch_bytes += item.prepared.size
+                if self._batch_full():
+                    self._submit(pool)
             elif item is not None:
                 self.summary.delivered += 1  # dry run: counted as deliverable
             self.progress.update(self.summary, self._done_bytes + source.position(), self._total_bytes)
+        if pool is not None and self._batch and not self._signals:
+            self._submit(pool)
+
+    def _batch_full(self) -> bool:
+        """Messages travel to the workers in batches of about BATCH_SECONDS of posting: one task
+        per message spent more CPU on inter-process plumbing than on posting into a fast ingress,
+        while small batches keep what is in flight (and re-sent after a crash) small for a slow
+        one. A batch also goes as soon as a worker would otherwise sit idle."""
+        size = max(1, min(BATCH_MESSAGES, int(BATCH_SECONDS / self._seconds_per_message)))
+        return (
+            len(self._batch) >= size
+            or self._batch_bytes >= BATCH_BYTES
+            or len(self._pending) < self.plan.jobs
+            or self.plan.rate is not None
+        )
+
+    def _submit(self, pool: Executor) -> None:
+        while len(self._pending) >= 2 * self.plan.jobs and not self._signals:
+            self._collect(everything=False)
+        payloads = [item.prepared.to_bytes() for item in self._batch]
+        self._pending[pool.submit(deliver_batch, payloads)] = self._batch
+        self._batch, self._batch_bytes = [], 0
 
     def _admit(self, source: str, key: str, raw: bytes) -> Optional[Item]:
         """Validate, filter and check the journal; None if this message is not to be sent."""
@@ -280,7 +281,7 @@ class Importer:
             self.summary.invalid += 1
             self._failure(source, key, raw[body_start(raw) :], error.outcome)
             return None
-        if self.plan.filters.active and not self.plan.filters.keep(prepared.header):
+        if self.plan.filters.active and not self.plan.filters.keep(header_lines(prepared.header)):
             self.summary.filtered += 1
             return None
         if self.plan.dry_run:
@@ -296,22 +297,12 @@ class Importer:
     def _throttle(self) -> None:
         if self.plan.rate is None:
             return
-        submitted = self.summary.delivered + self.summary.failed + len(self._pending)
+        in_flight = self._in_flight() + len(self._batch)
+        submitted = self.summary.delivered + self.summary.failed + in_flight
         due = self.summary.started + submitted / self.plan.rate
         delay = due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-
-    # --- delivering (worker threads) --------------------------------------------------------
-
-    def _post(self, item: Item) -> Outcome:
-        from mailbox_relay.ingress import make_session, post_with_retry
-
-        assert self.settings is not None
-        session = getattr(self._local, "session", None)
-        if session is None:  # one keep-alive session per worker thread
-            session = self._local.session = make_session(self.settings)
-        return post_with_retry(session, self.settings, item.prepared, pacer=self._pacer)
 
     # --- collecting (this thread) -------------------------------------------------------------
 
@@ -324,18 +315,20 @@ class Importer:
                 if not everything:
                     return
 
-    def _record(self, done: Iterable[Future[Outcome]]) -> None:
+    def _record(self, done: Iterable[Future[Tuple[List[Outcome], float]]]) -> None:
         rows = []
         for future in done:
-            item = self._pending.pop(future)
-            outcome = _result(future)
-            if outcome.delivered:
-                self.summary.delivered += 1
-                self.summary.bytes_sent += item.prepared.size
-                rows.append((item.source, item.key, item.sha256))
-            else:
-                self.summary.failed += 1
-                self._failure(item.source, item.key, item.prepared.raw[item.prepared.start :], outcome)
+            items = self._pending.pop(future)
+            outcomes, seconds = _results(future, len(items))
+            self._seconds_per_message = 0.7 * self._seconds_per_message + 0.3 * seconds / len(items)
+            for item, outcome in zip(items, outcomes):
+                if outcome.delivered:
+                    self.summary.delivered += 1
+                    self.summary.bytes_sent += item.prepared.size
+                    rows.append((item.source, item.key, item.sha256))
+                else:
+                    self.summary.failed += 1
+                    self._failure(item.source, item.key, item.prepared.raw[item.prepared.start :], outcome)
         if self.journal is not None and rows:
             self.journal.record(rows)  # one transaction per batch of finished deliveries
 
@@ -352,17 +345,21 @@ class Importer:
         """Wait for in-flight posts; after a signal say so, and a second signal abandons them."""
         if self._signals and self._pending:
             self.log(
-                f"stopping: finishing {len(self._pending)} in-flight deliveries (Ctrl-C again abandons them)"
+                f"stopping: finishing {self._in_flight()} in-flight deliveries (Ctrl-C again abandons them)"
             )
         self._collect(everything=True)
-        self.summary.abandoned = len(self._pending)
+        self.summary.abandoned = self._in_flight()
+
+    def _in_flight(self) -> int:
+        return sum(len(items) for items in self._pending.values())
 
 
-def _result(future: Future[Outcome]) -> Outcome:
+def _results(future: Future[Tuple[List[Outcome], float]], count: int) -> Tuple[List[Outcome], float]:
     try:
         return future.result()
-    except Exception as error:  # a worker crash must count as a failure, never stop the import
-        return Outcome(Reason.INTERNAL, f"internal error ({type(error).__name__}: {error})")
+    except Exception as error:  # a worker crash must count as failures, never stop the import
+        failed = Outcome(Reason.INTERNAL, f"internal error ({type(error).__name__}: {error})")
+        return [failed] * count, 0.0
 
 
 def summary_lines(summary: Summary) -> Iterable[str]:
@@ -394,6 +391,7 @@ def run_import(
     failed_dir: Optional[str],
     progress: Progress,
     log: Callable[[str], None],
+    quiet: bool = False,
 ) -> Summary:
     """Resolve settings, open the inputs and the journal, and run the import.
 
@@ -408,6 +406,7 @@ def run_import(
         filters=filters,
         recipients=layers.get("envelope_recipient")[0],
         max_size=layers.get("max_size")[0],
+        quiet=quiet,
     )
     mboxrd = layers.get("mbox_format")[0] == "mboxrd"
     sources = [detect(os.path.realpath(path), mboxrd=mboxrd) for path in paths]

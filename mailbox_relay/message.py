@@ -9,13 +9,19 @@ deterministic `X-Original-To:` lines.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from mailbox_relay.outcome import InvalidMessage, Reason
 
-# RFC 5322 field names: printable US-ASCII except the colon.
-_FIELD_NAME_BYTES = frozenset(range(33, 127)) - {ord(":")}
+# A header line is a field (RFC 5322 name: printable US-ASCII except the colon; obsolete syntax
+# allows blanks before the colon) or a folded continuation. This finds the first line that is
+# neither.
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
+_BAD_LINE = re.compile(rb"^(?![!-9;-~]+[ \t]*:|[ \t])", re.M)
+_FROM_FIELD = re.compile(rb"^from[ \t]*:", re.M | re.I)
+_NOT_BLANK = re.compile(rb"[^ \t\r\n]")
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,7 @@ class Prepared:
     raw: bytes
     start: int
     prefix: bytes
-    header: Sequence[bytes] = field(default=(), repr=False, compare=False)  # for filters
+    header: bytes = field(default=b"", repr=False, compare=False)  # the header section, for filters
 
     @property
     def size(self) -> int:
@@ -35,7 +41,9 @@ class Prepared:
         return self.prefix, memoryview(self.raw)[self.start :]
 
     def to_bytes(self) -> bytes:
-        """The exact bytes posted (a copy; the sender streams `parts()` instead)."""
+        """The exact bytes posted (a copy unless nothing is added or stripped)."""
+        if not self.prefix and not self.start:
+            return self.raw
         return self.prefix + self.raw[self.start :]
 
 
@@ -51,54 +59,57 @@ def header_end(raw: bytes, start: int) -> int:
     """Offset of the empty line that ends the header section (or the end of the message)."""
     if raw.startswith((b"\n", b"\r\n"), start):
         return start
-    ends = [pos + 1 for pos in (raw.find(b"\n\n", start), raw.find(b"\n\r\n", start)) if pos >= 0]
+    lf = raw.find(b"\n\n", start)
+    # Look for a CRLF empty line only before the LF one: never scan a whole body twice.
+    crlf = raw.find(b"\n\r\n", start, len(raw) if lf < 0 else lf + 2)
+    ends = [pos + 1 for pos in (lf, crlf) if pos >= 0]
     return min(ends) if ends else len(raw)
 
 
-def _is_field(line: bytes) -> bool:
-    name, colon, _ = line.partition(b":")
-    name = name.rstrip(b" \t")  # obsolete syntax allows space before the colon
-    return bool(colon) and bool(name) and all(byte in _FIELD_NAME_BYTES for byte in name)
-
-
-def header_lines(raw: bytes, start: int, end: int) -> List[bytes]:
-    lines = raw[start:end].split(b"\n")
+def header_lines(header: bytes) -> List[bytes]:
+    """The lines of a header section (as `Prepared.header` holds it), without line endings."""
+    lines = header.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def validate(raw: bytes, *, max_size: Optional[int] = None) -> Tuple[int, List[bytes]]:
-    """Check `raw` is a message; return where it starts and its header lines, or raise."""
+def validate(raw: bytes, *, max_size: Optional[int] = None) -> Tuple[int, bytes]:
+    """Check `raw` is a message; return where it starts and its header section, or raise."""
     if max_size is not None and len(raw) > max_size:
         raise InvalidMessage(
             f"message of {len(raw)} bytes is over the --max-size limit of {max_size} bytes",
             Reason.TOO_BIG,
         )
     start = body_start(raw)
-    first_line = 2 if start else 1  # line numbers as in the input, so `sed -n Np` finds them
-    if not raw[start:].strip():
+    if _NOT_BLANK.search(raw, start) is None:  # a search, not raw[start:].strip(): no copy
         raise InvalidMessage("not an RFC 822 message: the input is empty")
-    lines = header_lines(raw, start, header_end(raw, start))
-    _check_header(lines, first_line)
-    return start, lines
+    header = raw[start : header_end(raw, start)]
+    _check_header(header, first_line=2 if start else 1)
+    return start, header
 
 
-def _check_header(lines: Sequence[bytes], first_line: int) -> None:
-    if not lines or not _is_field(lines[0]):
+def _check_header(header: bytes, first_line: int) -> None:
+    """One regex pass over the header section (this runs once per message of an import).
+
+    Line numbers count as in the input, so `sed -n Np` finds the line.
+    """
+    block = header[:-1] if header.endswith(b"\n") else header
+
+    def line_of(offset: int) -> int:
+        return first_line + block.count(b"\n", 0, offset)
+
+    if _FIELD.match(block) is None:
         raise InvalidMessage(
             f"not an RFC 822 message: line {first_line} is not a header field (no header section)"
         )
-    has_from = False
-    for number, line in enumerate(lines, first_line):
-        if b"\0" in line:
-            raise InvalidMessage(f"not an RFC 822 message: NUL byte in header line {number}")
-        if line[:1] in (b" ", b"\t"):
-            continue
-        if not _is_field(line):
-            raise InvalidMessage(f"not an RFC 822 message: line {number} is not a header field")
-        has_from = has_from or field_name(line) == b"from"
-    if not has_from:
+    bad = _BAD_LINE.search(block)
+    nul = block.find(b"\0")
+    if nul >= 0 and (bad is None or line_of(nul) <= line_of(bad.start())):
+        raise InvalidMessage(f"not an RFC 822 message: NUL byte in header line {line_of(nul)}")
+    if bad is not None:
+        raise InvalidMessage(f"not an RFC 822 message: line {line_of(bad.start())} is not a header field")
+    if _FROM_FIELD.search(block) is None:
         raise InvalidMessage("not an RFC 822 message: it has no From: header field")
 
 
@@ -152,6 +163,8 @@ def line_ending(raw: bytes, start: int) -> bytes:
 
 def prepare(raw: bytes, *, recipients: Sequence[str] = (), max_size: Optional[int] = None) -> Prepared:
     """Validate `raw` and work out the exact bytes to send (raises InvalidMessage)."""
-    start, lines = validate(raw, max_size=max_size)
-    prefix = original_to_prefix(lines, recipients, line_ending(raw, start)) if recipients else b""
-    return Prepared(raw, start, prefix, lines)
+    start, header = validate(raw, max_size=max_size)
+    prefix = b""
+    if recipients:
+        prefix = original_to_prefix(header_lines(header), recipients, line_ending(raw, start))
+    return Prepared(raw, start, prefix, header)

@@ -1,0 +1,66 @@
+"""`deliver` per message, against the dependency floor and the curl relay, in one run.
+
+    python bench/deliver.py [--runs 15]
+
+Into nginx answering 204 (the fastest possible ingress), alternating: the floor (a 3-line
+script that imports click and requests and POSTs stdin once), `mailbox-relay deliver`, and the
+curl relay. Prints medians and ratios. Target: deliver <= 1.15x the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    CURL_RELAY,
+    FLOOR,
+    PASSWORD,
+    ROOT,
+    alternate,
+    machine,
+    median,
+    nginx_204,
+    relay_script,
+    timed,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    message = (ROOT / "contrib" / "sample.eml").read_bytes()
+    with nginx_204() as url:
+        env = {
+            **os.environ,
+            "MAILBOX_RELAY_URL": url,
+            "MAILBOX_RELAY_PASSWORD": PASSWORD,
+            "URL": url,
+            "INGRESS_PASSWORD": PASSWORD,
+        }
+        relay = relay_script()
+        contenders = {
+            "floor (click+requests POST)": lambda: timed(
+                [sys.executable, "-c", FLOOR, url], stdin=message, env=env
+            ),
+            "mailbox-relay deliver": lambda: timed([relay, "deliver"], stdin=message, env=env),
+            "curl relay": lambda: timed([CURL_RELAY], stdin=message, env=env, shell=True),
+        }
+        for run in contenders.values():  # warm the page cache and .pyc files
+            run()
+        times = alternate(args.runs, contenders)
+    medians = {name: median(values) for name, values in times.items()}
+    floor, ours, curl = medians.values()
+    print(f"# deliver, {args.runs} alternating runs each; {machine()}")
+    for name, value in medians.items():
+        print(f"{name:32s} median {value * 1000:7.1f} ms")
+    print(f"mailbox-relay / floor: {ours / floor:.2f}x (target <= 1.15x)")
+    print(f"mailbox-relay / curl relay: {ours / curl:.1f}x slower (floor / curl: {floor / curl:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

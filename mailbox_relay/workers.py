@@ -1,0 +1,126 @@
+"""The worker processes of `import`: each posts one message at a time with its own keep-alive
+session, through the same `post_with_retry` as `deliver`.
+
+Processes, not threads: with threads the GIL bound an import to one core (about 1,000 messages
+a second here), and requests' own per-post work is most of the cost. The reader stays in the
+parent; a message travels to a worker as the exact bytes to send.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, List, Optional, Tuple
+
+from mailbox_relay.message import Prepared
+from mailbox_relay.outcome import Outcome, Reason
+from mailbox_relay.settings import Settings
+
+_CONTEXT = multiprocessing.get_context("spawn")  # no fork of a process that has threads
+
+
+class AdaptiveConcurrency:
+    """How many posts may be on the wire at once, across all worker processes: halved when the
+    ingress struggles (5xx, 408, 429, timeouts), grown by one per window of successes, up to
+    --jobs (AIMD, as TCP does).
+
+    A Rails app on SQLite answers concurrent posts with 500 "database is locked"; backing off
+    the concurrency, not only the retries, is what lets every message through.
+    """
+
+    STRUGGLING = (Reason.SERVER_ERROR, Reason.BUSY, Reason.TIMEOUT)
+
+    def __init__(self, maximum: int, log: Callable[[str], None] = lambda line: None) -> None:
+        self.maximum = maximum
+        self.log = log
+        self._limit = _CONTEXT.Value("d", float(maximum), lock=False)
+        self._active = _CONTEXT.Value("i", 0, lock=False)
+        self._condition = _CONTEXT.Condition()
+
+    @property
+    def limit(self) -> float:
+        return float(self._limit.value)
+
+    @property
+    def active(self) -> int:
+        return int(self._active.value)
+
+    def before(self) -> float:
+        started = time.monotonic()
+        with self._condition:
+            while self._active.value >= int(self._limit.value):
+                self._condition.wait()
+            self._active.value += 1
+        return time.monotonic() - started
+
+    def after(self, outcome: Outcome) -> None:
+        with self._condition:
+            self._active.value -= 1
+            before = int(self._limit.value)
+            if outcome.reason in self.STRUGGLING:
+                self._limit.value = max(1.0, self._limit.value / 2)
+            elif outcome.delivered:
+                self._limit.value = min(float(self.maximum), self._limit.value + 1 / self._limit.value)
+            now = int(self._limit.value)
+            if now != before:
+                why = outcome.line() if now < before else "ingress keeps up"
+                self.log(f"{why}: {now} concurrent deliveries")
+            self._condition.notify_all()
+
+    def __getstate__(self) -> Any:
+        state = dict(self.__dict__)
+        state["log"] = None  # a worker logs to its own stderr (see _init)
+        return state
+
+
+class _Worker:
+    settings: Settings
+    pacer: AdaptiveConcurrency
+    session: Any = None
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(f"mailbox-relay: {line}\n")
+    sys.stderr.flush()
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides whether in-flight posts finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pacer.log = _stderr if verbose else _quiet
+    _Worker.settings = settings
+    _Worker.pacer = pacer
+
+
+def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
+    """In a worker: post each message's exact bytes in turn. The outcomes, and the seconds it
+    took (the parent sizes later batches by it), go back to the parent."""
+    from mailbox_relay.ingress import make_session, post_with_retry
+
+    started = time.monotonic()
+    if _Worker.session is None:  # one keep-alive session per worker process
+        _Worker.session = make_session(_Worker.settings)
+    outcomes = [
+        post_with_retry(_Worker.session, _Worker.settings, Prepared(payload, 0, b""), pacer=_Worker.pacer)
+        for payload in payloads
+    ]
+    return outcomes, time.monotonic() - started
+
+
+def start_workers(settings: Optional[Settings], jobs: int, quiet: bool) -> ProcessPoolExecutor:
+    """`jobs` worker processes sharing one AdaptiveConcurrency; they log to stderr unless quiet."""
+    if settings is None:
+        raise ValueError("delivering needs settings")
+    return ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=_CONTEXT,
+        initializer=_init,
+        initargs=(settings, AdaptiveConcurrency(jobs), not quiet),
+    )
