@@ -17,7 +17,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
@@ -123,22 +123,19 @@ def machine() -> str:
 
 
 def peak_rss_mb(
-    command: Sequence[str], *, stdin_path: str | None = None, env: Dict[str, str] | None = None
-) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of a command, via GNU time."""
-    if shutil.which("time") is None and not Path("/usr/bin/time").exists():
-        sys.exit("needs GNU time (apt-get install time)")
-    with tempfile.NamedTemporaryFile("r") as report:
-        stdin = open(stdin_path, "rb") if stdin_path else subprocess.DEVNULL
+    command: Sequence[str], *, stdin_path: Optional[str] = None, env: Optional[Dict[str, str]] = None
+) -> Tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of a command, from the kernel's rusage of that child."""
+    with open(stdin_path or os.devnull, "rb") as stdin:
         started = time.perf_counter()
-        result = subprocess.run(
-            ["/usr/bin/time", "-f", "%M", "-o", report.name, *command],
-            stdin=stdin,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+        process = subprocess.Popen(
+            command, stdin=stdin, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
+        assert process.stderr is not None
+        errors = process.stderr.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
         elapsed = time.perf_counter() - started
-        if result.returncode not in (0,):
-            raise RuntimeError(f"{command} exited {result.returncode}: {result.stderr.decode()[-300:]}")
-        return elapsed, int(report.read().strip().splitlines()[-1]) / 1024
+    if process.returncode != 0:
+        raise RuntimeError(f"{command} exited {process.returncode}: {errors.decode()[-300:]}")
+    return elapsed, usage.ru_maxrss / 1024

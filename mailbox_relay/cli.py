@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, NoReturn, Optional, Sequence
 
 import click
 
 from mailbox_relay import __version__
-from mailbox_relay.outcome import QMAIL, RELAY_PATH, SYSEXITS, Kind, Outcome, Reason, exit_code
+from mailbox_relay.outcome import QMAIL, SYSEXITS, Kind, Outcome, Reason, exit_code
 from mailbox_relay.settings import FIELDS
 from mailbox_relay.signals import Interrupted, signals_interrupt
 
@@ -158,7 +158,26 @@ def delivery_options(command: F) -> F:
     return _apply(options, command)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """Loads the commands that MTAs never run only when asked for (see commands.py)."""
+
+    LAZY: ClassVar[Dict[str, str]] = {"import": "import_", "check": "check", "serve": "serve"}
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name in self.LAZY:
+            from mailbox_relay import commands
+
+            command: click.Command = getattr(commands, self.LAZY[name])
+            return command
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="mailbox-relay")
 def cli() -> None:
     """Move email into a Rails app's Action Mailbox relay ingress, safely.
@@ -224,244 +243,6 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
         except Exception as error:  # the boundary: a crash must defer, never bounce
             outcome = _internal_error(error)
     return _finish(outcome, style, notes, verbose)
-
-
-IMPORT_HELP = """Import mbox files (optionally .gz), Maildirs and trees of .eml files.
-
-Each PATH is detected as an mbox file (starts with a From_ line), a Maildir (has cur/ and
-new/; flags are ignored), a directory of *.eml files, or a single .eml message. Messages are
-validated like `deliver` does, sent exactly as stored (minus the From_ line) with `--jobs`
-concurrent keep-alive connections, and retried like `deliver` (`--retry-for` per message).
-
-A journal (SQLite) records every delivered message, so a rerun after Ctrl-C, a crash or
-failures resumes: it sends only what is not yet delivered, and a completed rerun sends
-nothing. Inputs are never modified.
-
-\b
-Exit codes:
-   0  nothing left undelivered
-  75  some messages failed for a reason that may pass (run the same command again)
-  65  some messages are invalid (and none failed otherwise)
-  66  an input cannot be read; 64 usage error
-"""
-
-
-def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
-    if value is None:
-        return None
-    from datetime import datetime, timezone
-
-    try:
-        date = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a date such as 2024-01-31 or 2024-01-31T12:00") from None
-    return date if date.tzinfo else date.replace(tzinfo=timezone.utc)
-
-
-@cli.command(name="import", help=IMPORT_HELP)
-@connection_options
-@delivery_options
-@click.option("--jobs", type=int, metavar="N", help=_help("Concurrent deliveries.", "jobs", "4"))
-@click.option(
-    "--rate", type=float, metavar="N", help=_help("At most N messages a second.", "rate", "unlimited")
-)
-@click.option(
-    "--state",
-    metavar="PATH",
-    type=click.Path(dir_okay=False),
-    help=_help("The resume journal (SQLite).", "state", "$XDG_STATE_HOME/mailbox-relay/import.sqlite3"),
-)
-@click.option("--no-state", is_flag=True, help="Keep no journal: a rerun sends everything again.")
-@click.option("--restart", is_flag=True, help="Forget earlier progress for these inputs first.")
-@click.option("--dry-run", is_flag=True, help="Read, split and validate everything; send nothing.")
-@click.option(
-    "--since", callback=_date, metavar="DATE", help="Only messages whose Date: is on or after DATE."
-)
-@click.option("--until", callback=_date, metavar="DATE", help="Only messages whose Date: is before DATE.")
-@click.option(
-    "--label",
-    multiple=True,
-    metavar="LABEL",
-    help="Only messages with this Gmail Takeout X-Gmail-Labels label (repeatable).",
-)
-@click.option(
-    "--exclude-label",
-    multiple=True,
-    metavar="LABEL",
-    help="Skip messages with this X-Gmail-Labels label, e.g. Spam, Trash, Chat (repeatable).",
-)
-@click.option(
-    "--mbox-format",
-    type=click.Choice(["mboxo", "mboxrd"]),
-    help=_help("mboxo sends bytes as stored; mboxrd strips one > from >From lines.", "mbox_format", "mboxo"),
-)
-@click.option(
-    "--failed-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False),
-    help="Write every message that could not be delivered there, as a Maildir message.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress; a summary only if something failed.")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="PATH...")
-def import_(
-    paths: List[str],
-    verbose: bool,
-    no_state: bool,
-    restart: bool,
-    dry_run: bool,
-    label: List[str],
-    exclude_label: List[str],
-    failed_dir: Optional[str],
-    as_json: bool,
-    quiet: bool,
-    **options: Any,
-) -> int:
-    from mailbox_relay.importer import Filters, run_import, summary_lines
-    from mailbox_relay.outcome import RelayError
-    from mailbox_relay.progress import choose
-    from mailbox_relay.sources import NotASource
-
-    filters = Filters(
-        since=options.pop("since"),
-        until=options.pop("until"),
-        labels=frozenset(name.casefold() for name in label),
-        exclude_labels=frozenset(name.casefold() for name in exclude_label),
-    )
-    log = _no_log if quiet else _stderr_log
-    try:
-        summary = run_import(
-            options,
-            paths,
-            os.environ,
-            dry_run=dry_run,
-            use_state=not no_state,
-            restart=restart,
-            filters=filters,
-            failed_dir=failed_dir,
-            progress=choose(sys.stderr, quiet=quiet, fancy=not as_json),
-            log=log,
-            quiet=quiet,
-        )
-    except RelayError as error:
-        click.echo(error.outcome.line(), err=True)
-        return SYSEXITS[error.outcome.kind]
-    except NotASource as error:
-        click.echo(f"mailbox-relay import: {error}", err=True)
-        return 66
-    if as_json:
-        import json
-
-        click.echo(json.dumps(summary.as_json(), indent=2))
-    elif not quiet or summary.exit_code():
-        for line in summary_lines(summary):
-            click.echo(line)
-    if summary.abandoned:
-        # Worker threads still blocked in a post would be joined at interpreter exit; the user
-        # asked twice to stop, the journal is saved, so leave now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(summary.exit_code())
-    return summary.exit_code()
-
-
-CHECK_HELP = """Check that delivery would work, step by step, without creating an inbound email.
-
-Reports the settings (and where each came from), DNS, TCP, TLS (version, certificate,
-expiry), then posts with the right password and a deliberately wrong Content-Type: Action
-Mailbox answers 415 to that only when the URL, the relay ingress and the password are all
-right, and stores nothing.
-
-\b
-Exit codes (for people and monitoring):
-   0  ready
-  77  password rejected (401/403)
-  78  configuration: wrong path (404), redirect, missing URL/password, plain http
-  69  unreachable, TLS failure, timeout or 5xx
-"""
-
-
-@cli.command(help=CHECK_HELP)
-@connection_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def check(verbose: bool, as_json: bool, **options: Any) -> int:
-    from mailbox_relay.check import render, run_check
-
-    report = run_check(options, os.environ)
-    if as_json:
-        import json
-
-        click.echo(json.dumps(report.as_json(), indent=2))
-    else:
-        render(report, sys.stdout)
-    return report.exit_code
-
-
-SERVE_HELP = """Run a local relay ingress that answers exactly like Action Mailbox's.
-
-POST /rails/action_mailbox/relay/inbound_emails with Basic auth (user actionmailbox) and
-Content-Type message/rfc822 gets 204 and the exact bytes land in the Maildir (tmp/, fsync,
-new/); a byte-identical re-post answers 204 and is not stored twice, as in Rails. Anything
-else gets what Rails answers: 404 (other paths), 401, 415, or 422 for an empty body.
-
-The password comes from MAILBOX_RELAY_PASSWORD, INGRESS_PASSWORD, --password-file or the
-config file; serve refuses to start without one. Logs one line per request on stderr.
-"""
-
-
-@cli.command(help=SERVE_HELP)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=3025, show_default=True, type=click.IntRange(0, 65535), help="Port.")
-@click.option(
-    "--maildir",
-    default="mailbox-relay-inbox",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Maildir to store accepted messages in (created if missing).",
-)
-@click.option(
-    "--password-file",
-    metavar="PATH",
-    type=click.Path(dir_okay=False),
-    help=_help("Read the password from the first line of PATH.", "password_file"),
-)
-@click.option("--password", hidden=True, expose_value=False, callback=_password_on_argv)
-@click.option(
-    "--config",
-    metavar="PATH",
-    type=click.Path(dir_okay=False),
-    help="TOML config file (its password or password_file). [env: MAILBOX_RELAY_CONFIG]",
-)
-def serve(host: str, port: int, maildir: str, **options: Any) -> int:
-    from mailbox_relay.maildir import Maildir
-    from mailbox_relay.outcome import ConfigError
-    from mailbox_relay.server import make_server
-    from mailbox_relay.settings import open_layers
-
-    try:
-        password = open_layers(options, os.environ).password()[0]
-        if password is None:
-            raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
-        server = make_server(host, port, password, Maildir(maildir), _stderr_log)
-    except ConfigError as error:
-        click.echo(f"mailbox-relay serve: {error.outcome.detail}", err=True)
-        return 78
-    except OSError as error:
-        click.echo(f"mailbox-relay serve: cannot listen on {host}:{port}: {error.strerror}", err=True)
-        return 69
-    bound = server.server_address[1]
-    click.echo(
-        f"mailbox-relay serve: listening on http://{host}:{bound}{RELAY_PATH}, "
-        f"storing into {maildir}/new (Ctrl-C stops)",
-        err=True,
-    )
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        click.echo("mailbox-relay serve: stopped", err=True)
-    finally:
-        server.server_close()
-    return 0
 
 
 def _finish(outcome: Outcome, style: str, notes: List[str], verbose: bool) -> int:

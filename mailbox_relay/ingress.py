@@ -12,8 +12,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 from urllib.parse import urlsplit
 
 import requests
@@ -209,35 +208,43 @@ def probe(session: requests.Session, settings: Settings) -> Tuple[Optional[int],
     return _post(session, settings, PROBE_BODY, len(PROBE_BODY), {"Content-Type": "text/plain"})
 
 
-@dataclass
 class Backoff:
     """Exponential backoff with jitter: about 1, 2, 4, 8, 15, 15 ... seconds."""
 
-    first: float = 1.0
-    cap: float = 15.0
-    random: Callable[[], float] = random.random
+    def __init__(
+        self, first: float = 1.0, cap: float = 15.0, random: Callable[[], float] = random.random
+    ) -> None:
+        self.first = first
+        self.cap = cap
+        self.random = random
 
     def delay(self, attempt: int) -> float:
         ceiling = min(self.cap, self.first * 2.0 ** (attempt - 1))
         return ceiling * (0.5 + self.random() / 2)
 
 
-class Pacer(Protocol):
-    """Paces attempts across threads (import): may hold an attempt back, learns from outcomes."""
+if TYPE_CHECKING:  # a runtime Protocol class would cost every delivery its creation time
 
-    def before(self) -> float:
-        """Block until this attempt may start; return the seconds spent waiting."""
-        ...
+    class Pacer(Protocol):
+        """Paces attempts across workers (import): may hold one back, learns from outcomes."""
 
-    def after(self, outcome: Outcome) -> None: ...
+        def before(self) -> float:
+            """Block until this attempt may start; return the seconds spent waiting."""
+            ...
+
+        def after(self, outcome: Outcome) -> None: ...
 
 
-@dataclass
 class Clock:
     """Time, injected so tests can drive the retry loop without waiting."""
 
-    now: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
+    def __init__(
+        self,
+        now: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.now = now
+        self.sleep = sleep
 
 
 def post_with_retry(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import signal
+# The C module: `signal` builds three enums at import time, which every delivery would pay for.
+import _signal as signal  # type: ignore[import-not-found]
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator
@@ -12,8 +13,11 @@ class Interrupted(BaseException):
     """SIGTERM, SIGINT or SIGHUP arrived: stop and let the caller retry (exit 75)."""
 
 
+_NAMES = {getattr(signal, name): name for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)}
+
+
 def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(_NAMES.get(signum, f"signal {signum}"))
 
 
 class signals_interrupt:
