@@ -82,14 +82,21 @@ def nginx_204(workers: int = 2) -> Iterator[str]:
 
 
 def timed(
-    command: Sequence[str], *, stdin: bytes = b"", env: Dict[str, str] | None = None, shell: bool = False
+    command: Sequence[str],
+    *,
+    stdin: bytes = b"",
+    env: Optional[Dict[str, str]] = None,
+    shell: bool = False,
+    cwd: Optional[Path] = None,
 ) -> float:
+    """Wall seconds of one run of a command (which must succeed)."""
     started = time.perf_counter()
     result = subprocess.run(
         command if not shell else command[0],
         input=stdin,
         env=env,
         shell=shell,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

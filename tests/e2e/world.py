@@ -23,7 +23,7 @@ from ..peers import free_port
 
 MAIL_USER = "mrvmail"  # Dovecot refuses to store mail as uid 0
 RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
-TEMPLATE_VERSION = "3"  # bump when the app template below changes
+TEMPLATE_VERSION = "4"  # bump when the app template below changes
 
 
 def need(*programs: str) -> None:
@@ -205,7 +205,8 @@ Rails.application.configure do
   # the request's own Active Storage transaction on SQLite and sometimes fails after the 5 s
   # busy timeout even for one message at a time ("database is locked"): the email is stored
   # (204) but never routed, which would make routing assertions flaky for reasons of Rails'.
-  config.active_job.queue_adapter = :inline
+  # (E2E_JOBS=async gives Rails' default adapter back, to see that race for yourself.)
+  config.active_job.queue_adapter = ENV.fetch("E2E_JOBS", "inline").to_sym
   config.action_mailbox.incinerate = false  # :inline cannot schedule the 30-day incineration
 end
 """
@@ -268,12 +269,17 @@ class RailsApp:
         self.url = ""  # of the relay-configured server, once started
         self.servers: List[subprocess.Popen[bytes]] = []
 
-    def serve(self, *, ingress: str = "relay") -> str:
+    def serve(self, *, ingress: str = "relay", jobs: str = "inline") -> str:
         """Start `bin/rails server` (puma) on a free port; returns the base URL."""
         port = free_port()
         log = self.root / "log" / f"server-{port}.out"
         log.parent.mkdir(exist_ok=True)
-        env = {**os.environ, "RAILS_INBOUND_EMAIL_PASSWORD": self.password, "E2E_INGRESS": ingress}
+        env = {
+            **os.environ,
+            "RAILS_INBOUND_EMAIL_PASSWORD": self.password,
+            "E2E_INGRESS": ingress,
+            "E2E_JOBS": jobs,
+        }
         process = subprocess.Popen(
             ["bin/rails", "server", "-b", "127.0.0.1", "-p", str(port), "-P", f"tmp/pids/{port}.pid"],
             cwd=self.root,
