@@ -1,7 +1,8 @@
 """The command line: parse options, call the core, and map its outcome to an exit code, once.
 
 Kept thin and cheap to import: every delivered message pays for what `deliver` imports, so the
-other commands import their machinery (rich, sqlite3, http.server) inside their own functions.
+other commands live in commands.py, loaded only when asked for, and import their machinery
+(rich, sqlite3, http.server, multiprocessing) inside their own functions.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ def _env_names(name: str) -> str:
     return ", ".join(FIELDS[name].env)
 
 
-def _help(text: str, name: str, default: Optional[str] = None) -> str:
+def option_help(text: str, name: str, default: Optional[str] = None) -> str:
     """Option help that ends with its default and environment names, the same way everywhere."""
     shown = f"default: {default}; " if default else ""
     return f"{text} [{shown}env: {_env_names(name)}]"
 
 
-def _password_on_argv(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
+def refuse_password_on_argv(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> None:
     if value is not None:
         raise click.BadParameter(
             "passwords are never accepted on the command line (other users can read it there): "
@@ -47,7 +48,7 @@ def connection_options(command: F) -> F:
         click.option(
             "--url",
             metavar="URL",
-            help=_help(
+            help=option_help(
                 "Relay ingress URL; a bare https://host gets /rails/action_mailbox/relay/inbound_emails.",
                 "url",
             ),
@@ -56,13 +57,13 @@ def connection_options(command: F) -> F:
             "--password-file",
             metavar="PATH",
             type=click.Path(dir_okay=False),
-            help=_help(
+            help=option_help(
                 "Read the ingress password from the first line of PATH. Otherwise "
                 "MAILBOX_RELAY_PASSWORD, then INGRESS_PASSWORD, then the config file.",
                 "password_file",
             ),
         ),
-        click.option("--password", hidden=True, expose_value=False, callback=_password_on_argv),
+        click.option("--password", hidden=True, expose_value=False, callback=refuse_password_on_argv),
         click.option(
             "--config",
             metavar="PATH",
@@ -75,25 +76,25 @@ def connection_options(command: F) -> F:
             "--timeout",
             type=float,
             metavar="SECONDS",
-            help=_help("Per-attempt connect and read timeout.", "timeout", "30"),
+            help=option_help("Per-attempt connect and read timeout.", "timeout", "30"),
         ),
         click.option(
             "--ca-bundle",
             metavar="PATH",
             type=click.Path(dir_okay=False),
-            help=_help("Verify TLS with this CA bundle.", "ca_bundle"),
+            help=option_help("Verify TLS with this CA bundle.", "ca_bundle"),
         ),
         click.option(
             "--insecure",
             is_flag=True,
             default=None,
-            help=_help("Do not verify the TLS certificate (not recommended).", "insecure"),
+            help=option_help("Do not verify the TLS certificate (not recommended).", "insecure"),
         ),
         click.option(
             "--allow-http",
             is_flag=True,
             default=None,
-            help=_help(
+            help=option_help(
                 "Allow sending the password over plain http:// to a host that is not loopback.",
                 "allow_http",
             ),
@@ -101,7 +102,7 @@ def connection_options(command: F) -> F:
         click.option(
             "--user-agent",
             metavar="TEXT",
-            help=_help("User-Agent header.", "user_agent", "mailbox-relay/VERSION"),
+            help=option_help("User-Agent header.", "user_agent", "mailbox-relay/VERSION"),
         ),
         click.option(
             "-v",
@@ -127,7 +128,7 @@ def delivery_options(command: F) -> F:
             "--retry-for",
             type=float,
             metavar="SECONDS",
-            help=_help(
+            help=option_help(
                 "Keep retrying network errors, timeouts, 408, 429 and 5xx for this long "
                 "(0: one attempt). The last attempt may take up to --timeout more.",
                 "retry_for",
@@ -137,7 +138,7 @@ def delivery_options(command: F) -> F:
         click.option(
             "--max-size",
             metavar="BYTES",
-            help=_help(
+            help=option_help(
                 "Refuse larger messages as permanently undeliverable; K/M/G suffixes allowed.",
                 "max_size",
                 "no limit",
@@ -147,7 +148,7 @@ def delivery_options(command: F) -> F:
             "--envelope-recipient",
             multiple=True,
             metavar="ADDR",
-            help=_help(
+            help=option_help(
                 "Prepend X-Original-To: ADDR (unless present) so Action Mailbox routes Bcc, "
                 "forwarded and catch-all mail. Repeatable, or one space/comma separated list "
                 "as fetchmail's %T gives.",
@@ -218,7 +219,7 @@ Example (getmail MDA_external, Postfix pipe, fetchmail mda):
 @click.option(
     "--exit-codes",
     type=click.Choice(["sysexits", "qmail"]),
-    help=_help("Exit-code convention.", "exit_codes", "sysexits"),
+    help=option_help("Exit-code convention.", "exit_codes", "sysexits"),
 )
 @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
 def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
@@ -226,7 +227,7 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
     from mailbox_relay.deliver import exit_style, read_message
 
     style = exit_style(options, os.environ)
-    log = _stderr_log if verbose else _no_log
+    log = stderr_log if verbose else no_log
     notes: List[str] = []
     with signals_interrupt(), _captured_warnings(notes):
         try:
@@ -264,11 +265,11 @@ def _internal_error(error: BaseException) -> Outcome:
     )
 
 
-def _stderr_log(line: str) -> None:
+def stderr_log(line: str) -> None:
     click.echo(f"mailbox-relay: {line}", err=True)
 
 
-def _no_log(line: str) -> None:
+def no_log(line: str) -> None:
     pass
 
 
@@ -310,12 +311,16 @@ def _usage_error(error: click.ClickException, args: List[str]) -> int:
     return codes[Kind.TEMPORARY]
 
 
+# click >= 8.2 raises this for a bare `mailbox-relay`; older versions print the help and exit 0.
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def run(argv: Optional[List[str]] = None) -> int:
     """Run the CLI and return its exit code; the one place outcomes become exit codes."""
     args = sys.argv[1:] if argv is None else list(argv)
     try:
         result = cli.main(args=args, prog_name="mailbox-relay", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as error:
+    except _NO_ARGS_IS_HELP as error:  # `mailbox-relay` alone: the help, as a usage error
         error.show()
         return 64
     except click.ClickException as error:

@@ -13,12 +13,12 @@ from typing import Any, List, Optional
 import click
 
 from mailbox_relay.cli import (
-    _help,
-    _no_log,
-    _password_on_argv,
-    _stderr_log,
     connection_options,
     delivery_options,
+    no_log,
+    option_help,
+    refuse_password_on_argv,
+    stderr_log,
 )
 from mailbox_relay.outcome import RELAY_PATH, SYSEXITS
 
@@ -57,15 +57,15 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> A
 @click.command(name="import", help=IMPORT_HELP)
 @connection_options
 @delivery_options
-@click.option("--jobs", type=int, metavar="N", help=_help("Concurrent deliveries.", "jobs", "4"))
+@click.option("--jobs", type=int, metavar="N", help=option_help("Concurrent deliveries.", "jobs", "4"))
 @click.option(
-    "--rate", type=float, metavar="N", help=_help("At most N messages a second.", "rate", "unlimited")
+    "--rate", type=float, metavar="N", help=option_help("At most N messages a second.", "rate", "unlimited")
 )
 @click.option(
     "--state",
     metavar="PATH",
     type=click.Path(dir_okay=False),
-    help=_help("The resume journal (SQLite).", "state", "$XDG_STATE_HOME/mailbox-relay/import.sqlite3"),
+    help=option_help("The resume journal (SQLite).", "state", "$XDG_STATE_HOME/mailbox-relay/import.sqlite3"),
 )
 @click.option("--no-state", is_flag=True, help="Keep no journal: a rerun sends everything again.")
 @click.option("--restart", is_flag=True, help="Forget earlier progress for these inputs first.")
@@ -89,7 +89,9 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> A
 @click.option(
     "--mbox-format",
     type=click.Choice(["mboxo", "mboxrd"]),
-    help=_help("mboxo sends bytes as stored; mboxrd strips one > from >From lines.", "mbox_format", "mboxo"),
+    help=option_help(
+        "mboxo sends bytes as stored; mboxrd strips one > from >From lines.", "mbox_format", "mboxo"
+    ),
 )
 @click.option(
     "--failed-dir",
@@ -124,7 +126,7 @@ def import_(
         labels=frozenset(name.casefold() for name in label),
         exclude_labels=frozenset(name.casefold() for name in exclude_label),
     )
-    log = _no_log if quiet else _stderr_log
+    log = no_log if quiet else stderr_log
     try:
         summary = run_import(
             options,
@@ -219,9 +221,9 @@ config file; serve refuses to start without one. Logs one line per request on st
     "--password-file",
     metavar="PATH",
     type=click.Path(dir_okay=False),
-    help=_help("Read the password from the first line of PATH.", "password_file"),
+    help=option_help("Read the password from the first line of PATH.", "password_file"),
 )
-@click.option("--password", hidden=True, expose_value=False, callback=_password_on_argv)
+@click.option("--password", hidden=True, expose_value=False, callback=refuse_password_on_argv)
 @click.option(
     "--config",
     metavar="PATH",
@@ -238,7 +240,7 @@ def serve(host: str, port: int, maildir: str, **options: Any) -> int:
         password = open_layers(options, os.environ).password()[0]
         if password is None:
             raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
-        server = make_server(host, port, password, Maildir(maildir), _stderr_log)
+        server = make_server(host, port, password, Maildir(maildir), stderr_log)
     except ConfigError as error:
         click.echo(f"mailbox-relay serve: {error.outcome.detail}", err=True)
         return 78
