@@ -231,7 +231,7 @@ config file; serve refuses to start without one. Logs one line per request on st
     help="TOML config file (its password or password_file). [env: MAILBOX_RELAY_CONFIG]",
 )
 def serve(host: str, port: int, maildir: str, **options: Any) -> int:
-    from mailbox_relay.maildir import Maildir
+    from mailbox_relay.maildir import MaildirWriter
     from mailbox_relay.outcome import ConfigError
     from mailbox_relay.server import make_server
     from mailbox_relay.settings import open_layers
@@ -240,7 +240,7 @@ def serve(host: str, port: int, maildir: str, **options: Any) -> int:
         password = open_layers(options, os.environ).password()[0]
         if password is None:
             raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
-        server = make_server(host, port, password, Maildir(maildir), stderr_log)
+        server = make_server(host, port, password, MaildirWriter(maildir), stderr_log)
     except ConfigError as error:
         click.echo(f"mailbox-relay serve: {error.outcome.detail}", err=True)
         return 78

@@ -31,7 +31,7 @@ from typing import (
 )
 
 from mailbox_relay.journal import Journal, default_path
-from mailbox_relay.maildir import Maildir
+from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, body_start, field_values, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason
 from mailbox_relay.settings import Settings, open_layers, settings_from
@@ -195,7 +195,7 @@ class Importer:
         self.settings = settings
         self.plan = plan
         self.journal = journal
-        self.failed = Maildir(failed_dir) if failed_dir else None
+        self.failed = MaildirWriter(failed_dir) if failed_dir else None
         self.progress = progress or NoProgress()
         self.log = log
         self.summary = Summary(dry_run=plan.dry_run)

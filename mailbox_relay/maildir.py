@@ -13,7 +13,7 @@ import time
 from typing import List, Set, Tuple
 
 
-class Maildir:
+class MaildirWriter:
     """A Maildir that stores each distinct message once: tmp/, fsync, rename into new/."""
 
     def __init__(self, path: str) -> None:

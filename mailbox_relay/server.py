@@ -13,7 +13,7 @@ import hmac
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, List, Optional
 
-from mailbox_relay.maildir import Maildir
+from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.outcome import RELAY_PATH
 
 Log = Callable[[str], None]
@@ -31,7 +31,7 @@ def _authorized(header: Optional[str], password: str) -> bool:
     return hmac.compare_digest(f"{user}:{given}".encode(), expected)
 
 
-def make_handler(password: str, maildir: Maildir, log: Log) -> type[BaseHTTPRequestHandler]:
+def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHTTPRequestHandler]:
     class RelayHandler(BaseHTTPRequestHandler):
         server_version = "mailbox-relay-serve"
         protocol_version = "HTTP/1.1"  # keep-alive, as puma does
@@ -112,5 +112,5 @@ class RelayServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-def make_server(host: str, port: int, password: str, maildir: Maildir, log: Log) -> RelayServer:
+def make_server(host: str, port: int, password: str, maildir: MaildirWriter, log: Log) -> RelayServer:
     return RelayServer((host, port), make_handler(password, maildir, log))

@@ -136,25 +136,18 @@ def _strip_flags(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-@dataclass
-class Maildir:
-    """A Maildir's new/ and cur/ (flags ignored), in name order; keys are the unique names."""
+class _FileSource:
+    """A source of one message per file; subclasses say which files and their keys."""
 
     path: str
-    kind: str = "Maildir"
+    kind: str
 
     def __post_init__(self) -> None:
         self._done = 0
 
     def _files(self) -> List[Tuple[str, str]]:
-        files = []
-        for sub in ("new", "cur"):
-            directory = os.path.join(self.path, sub)
-            for name in os.listdir(directory):
-                full = os.path.join(directory, name)
-                if not name.startswith(".") and os.path.isfile(full):
-                    files.append((_strip_flags(name), full))
-        return sorted(files)
+        """(key, full path) of each message file, in a stable order."""
+        raise NotImplementedError
 
     def size(self) -> int:
         return sum(os.path.getsize(full) for _, full in self._files())
@@ -171,36 +164,41 @@ class Maildir:
 
 
 @dataclass
-class EmlTree:
+class Maildir(_FileSource):
+    """A Maildir's new/ and cur/ (flags ignored), in name order; keys are the unique names."""
+
+    path: str
+    kind: str = "Maildir"
+
+    def _files(self) -> List[Tuple[str, str]]:
+        files = []
+        for sub in ("new", "cur"):
+            directory = os.path.join(self.path, sub)
+            for name in os.listdir(directory):
+                full = os.path.join(directory, name)
+                if not name.startswith(".") and os.path.isfile(full):
+                    files.append((_strip_flags(name), full))
+        return sorted(files)
+
+
+@dataclass
+class EmlTree(_FileSource):
     """Every *.eml file under a directory (or one .eml file); keys are relative paths."""
 
     path: str
     kind: str = ".eml files"
 
-    def __post_init__(self) -> None:
-        self._done = 0
-
-    def _files(self) -> List[str]:
+    def _files(self) -> List[Tuple[str, str]]:
         if os.path.isfile(self.path):
-            return [self.path]
+            return [(os.path.basename(self.path), self.path)]
         found = []
         for directory, subdirs, names in os.walk(self.path):
             subdirs.sort()
-            found += [os.path.join(directory, n) for n in sorted(names) if n.lower().endswith(".eml")]
+            for name in sorted(names):
+                if name.lower().endswith(".eml"):
+                    full = os.path.join(directory, name)
+                    found.append((os.path.relpath(full, self.path), full))
         return found
-
-    def size(self) -> int:
-        return sum(os.path.getsize(full) for full in self._files())
-
-    def position(self) -> int:
-        return self._done
-
-    def messages(self) -> Iterator[Tuple[str, bytes]]:
-        for full in self._files():
-            with open(full, "rb") as handle:
-                raw = handle.read()
-            self._done += len(raw)
-            yield os.path.relpath(full, self.path) if full != self.path else os.path.basename(full), raw
 
 
 def detect(path: str, *, mboxrd: bool = False) -> Source:

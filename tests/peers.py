@@ -162,10 +162,11 @@ class LocalServe:
     """`mailbox-relay serve`'s server, in a thread, on a free port."""
 
     def __init__(self, maildir: str, password: str = "pw") -> None:
-        from mailbox_relay.server import Maildir, make_server
+        from mailbox_relay.maildir import MaildirWriter
+        from mailbox_relay.server import make_server
 
         self.lines: List[str] = []
-        self.maildir = Maildir(maildir)
+        self.maildir = MaildirWriter(maildir)
         self.server = make_server("127.0.0.1", 0, password, self.maildir, self.lines.append)
         self.port = int(self.server.server_address[1])
         self.base = f"http://127.0.0.1:{self.port}"
