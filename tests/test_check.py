@@ -138,3 +138,15 @@ def test_plain_output_has_marks_and_a_verdict(tmp_path: Path, clean_env: Dict[st
 
 def test_check_usage_error_is_64(clean_env: Dict[str, str]) -> None:
     assert invoke(["check", "--bogus"])[0] == 64
+
+
+def test_insecure_skips_verification_and_says_so(
+    tls_server: tuple[Ingress204, str], clean_env: Dict[str, str]
+) -> None:
+    server, _ = tls_server
+    code, report = check(
+        ["--url", f"https://localhost:{server.port}", "--insecure"], {"MAILBOX_RELAY_PASSWORD": "pw"}
+    )
+    tls = steps(report)["tls"]
+    assert tls["ok"] and "NOT verified (--insecure)" in tls["detail"]  # type: ignore[index]
+    assert code == 78  # the probe reached the server, which is not Action Mailbox

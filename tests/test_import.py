@@ -268,3 +268,30 @@ def test_adaptive_concurrency_halves_on_struggle_and_grows_back() -> None:
         pacer.before()
         pacer.after(DELIVERED)
     assert pacer.limit == 8.0  # back to --jobs, and no further
+
+
+def test_mboxrd_recipients_and_max_size_through_the_command(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    body = b">From quoted once\n>>From quoted twice"
+    small = message(0, body=body)
+    big = message(1, body=b"x" * 5000)
+    mbox = write_mbox(tmp_path / "rd.mbox", [small, big])
+    with Ingress204() as ingress:
+        args = ["--url", ingress.url, "--state", state, "--mbox-format", "mboxrd", "--max-size", "4K"]
+        code, report = summary([*args, "--envelope-recipient", "archive@example.com", str(mbox)], {})
+    assert code == 65 and (report["delivered"], report["invalid"]) == (1, 1)
+    assert "over the --max-size limit of 4096 bytes" in report["failures"][0]["reason"]  # type: ignore[index]
+    (sent,) = ingress.bodies
+    assert sent.startswith(b"X-Original-To: archive@example.com\n")
+    assert b"\nFrom quoted once\n>From quoted twice" in sent
+
+
+def test_rate_limits_messages_per_second(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(10)])
+    with Ingress204() as ingress:
+        started = time.monotonic()
+        code, _, _ = run_import(["--url", ingress.url, "--no-state", "-q", "--rate", "20", str(mbox)], {})
+        elapsed = time.monotonic() - started
+    assert code == 0 and len(ingress.bodies) == 10
+    assert elapsed >= 9 / 20  # the tenth message may not start before 0.45 s

@@ -228,3 +228,40 @@ def test_serve_says_when_the_port_is_taken(
     )
     assert result.returncode == 69
     assert f"cannot listen on 127.0.0.1:{serve.port}".encode() in result.stderr
+
+
+def test_serve_reads_its_password_from_a_file(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    secret.chmod(0o600)
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mailbox_relay",
+            "serve",
+            "--port",
+            str(port),
+            "--password-file",
+            str(secret),
+            "--maildir",
+            str(tmp_path / "inbox"),
+        ],
+        env=clean_env,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        assert b"listening on" in process.stderr.readline()
+        url = f"http://127.0.0.1:{port}{PATH}"
+        assert (
+            requests.post(
+                url, data=MESSAGE, auth=("actionmailbox", "from-file"), headers=RFC822, timeout=10
+            ).status_code
+            == 204
+        )
+        assert requests.post(url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10).status_code == 401
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(10)
