@@ -367,7 +367,8 @@ def summary_lines(summary: Summary) -> Iterable[str]:
     verb = "valid (would be delivered)" if summary.dry_run else "delivered"
     rate = summary.messages / summary.elapsed if summary.elapsed else 0.0
     yield (
-        f"{summary.messages} messages in {summary.elapsed:.1f}s ({rate:.0f}/s): "
+        f"{summary.messages} message{'' if summary.messages == 1 else 's'} in {summary.elapsed:.1f}s "
+        f"({rate:.0f}/s): "
         f"{summary.delivered} {verb}, {summary.already} already delivered, "
         f"{summary.filtered} filtered out, {summary.invalid} invalid, {summary.undelivered} failed"
     )

@@ -217,5 +217,5 @@ def detect(path: str, *, mboxrd: bool = False) -> Source:
     if head.startswith(b"From "):
         return Mbox(path, mboxrd=mboxrd)
     if re.match(rb"[!-9;-~]+[ \t]*:", head):
-        return EmlTree(path)
+        return EmlTree(path, kind=".eml message")
     raise NotASource(f"{path}: not an mbox file (no leading From_ line), a Maildir or an .eml message")
