@@ -256,6 +256,12 @@ def _read_password_file(path: str, source: str) -> Tuple[str, str, List[str]]:
 def normalize_url(url: str) -> str:
     """Check the URL and give a bare host the relay path: https://app.example.com → …/relay/…"""
     parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Not echoed: the point is that this secret should not be on a command line or in logs.
+        raise ConfigError(
+            "the ingress URL must not contain credentials (user:password@): set the password with "
+            "MAILBOX_RELAY_PASSWORD or --password-file"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"the ingress URL {url!r} must start with https:// or http:// and name a host")
     if parts.path in ("", "/"):

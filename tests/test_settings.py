@@ -120,6 +120,13 @@ def test_plain_http_is_fine_on_loopback_and_with_allow_http(clean_env: Dict[str,
     assert remote.url == "http://app.internal" + RELAY_PATH
 
 
+def test_credentials_in_the_url_are_refused_without_echoing_them(clean_env: Dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"url": "https://actionmailbox:hunter2-secret@app.example.com"}, clean_env)
+    assert "must not contain credentials" in info.value.outcome.line()
+    assert "hunter2-secret" not in info.value.outcome.line()
+
+
 def test_url_with_a_path_is_kept(clean_env: Dict[str, str]) -> None:
     url = "https://app.example.com/custom/prefix/rails/action_mailbox/relay/inbound_emails"
     assert load({"url": url}, {**clean_env, "MAILBOX_RELAY_PASSWORD": "x"}).url == url
