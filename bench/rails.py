@@ -94,8 +94,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--job-adapter",
+        default="inline",
+        choices=["inline", "test", "async"],
+        help="where the app routes: inline (in the request, as the e2e suite does), test (enqueued "
+        "and left, like an app with a separate job backend), async (Rails' dev default)",
+    )
     args = parser.parse_args()
-    print(f"# rails; {machine()}")
+    print(f"# rails (job adapter: {args.job_adapter}); {machine()}")
     cache = Path.home() / ".cache" / "mailbox-relay-e2e"
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mailbox-relay-bench-") as tmp:
@@ -105,7 +112,7 @@ def main() -> None:
         # Inline jobs, as in the e2e suite: with Rails' default :async adapter this SQLite app
         # stalls 5 s on most posts (its routing job races the request for the database lock),
         # even from a single client, which would measure that race instead of the relays.
-        url = app.serve() + RELAY_PATH
+        url = app.serve(jobs=args.job_adapter) + RELAY_PATH
         try:
             deliver_vs_rake(app, url, args.runs)
             for jobs in args.jobs:
