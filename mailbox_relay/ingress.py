@@ -278,6 +278,12 @@ def post_with_retry(
             return outcome.after(attempt, clock.now() - started)
         wait = backoff.delay(attempt) if outcome.retry_after is None else outcome.retry_after
         if clock.now() + wait > deadline:
+            if outcome.retry_after is not None and attempt == 1:
+                outcome = Outcome(
+                    outcome.reason,
+                    f"{outcome.detail} (it asked to wait {wait:.0f}s, past --retry-for)",
+                    outcome.retry_after,
+                )
             return outcome.after(attempt, clock.now() - started)
         log(f"attempt {attempt}: {outcome.line()}; retrying in {wait:.1f}s")
         clock.sleep(wait)

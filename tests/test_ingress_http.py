@@ -109,6 +109,7 @@ def test_retry_after_beyond_the_budget_stops_at_once(httpserver: HTTPServer) -> 
     clock = FakeClock()
     outcome = post(httpserver, clock, retry_for=60.0)
     assert outcome.reason is Reason.BUSY
+    assert outcome.line().endswith("(it asked to wait 600s, past --retry-for)")
     assert clock.slept == [] and len(httpserver.log) == 1
 
 
