@@ -278,7 +278,7 @@ def post_with_retry(
             return outcome.after(attempt, clock.now() - started)
         wait = backoff.delay(attempt) if outcome.retry_after is None else outcome.retry_after
         if clock.now() + wait > deadline:
-            if outcome.retry_after is not None and attempt == 1:
+            if outcome.retry_after is not None:
                 outcome = Outcome(
                     outcome.reason,
                     f"{outcome.detail} (it asked to wait {wait:.0f}s, past --retry-for)",
