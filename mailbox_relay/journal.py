@@ -59,10 +59,5 @@ class Journal:
         with self._db:
             return self._db.execute("DELETE FROM delivered WHERE source = ?", (source,)).rowcount
 
-    def count(self, source: str) -> int:
-        return int(
-            self._db.execute("SELECT count(*) FROM delivered WHERE source = ?", (source,)).fetchone()[0]
-        )
-
     def close(self) -> None:
         self._db.close()
