@@ -10,7 +10,6 @@ deterministic `X-Original-To:` lines.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from mailbox_relay.outcome import InvalidMessage, Reason
@@ -24,14 +23,19 @@ _FROM_FIELD = re.compile(rb"^from[ \t]*:", re.M | re.I)
 _NOT_BLANK = re.compile(rb"[^ \t\r\n]")
 
 
-@dataclass(frozen=True)
 class Prepared:
-    """A validated message as the parts to send: `prefix` then `raw[start:]`, never copied."""
+    """A validated message as the parts to send: `prefix` then `raw[start:]`, never copied.
 
-    raw: bytes
-    start: int
-    prefix: bytes
-    header: bytes = field(default=b"", repr=False, compare=False)  # the header section, for filters
+    `header` is the header section, for import's filters. (A plain class: see Outcome.)
+    """
+
+    __slots__ = ("header", "prefix", "raw", "start")
+
+    def __init__(self, raw: bytes, start: int, prefix: bytes, header: bytes = b"") -> None:
+        self.raw = raw
+        self.start = start
+        self.prefix = prefix
+        self.header = header
 
     @property
     def size(self) -> int:

@@ -7,7 +7,6 @@ with `exit_code()`; `check` uses `check_exit_code()`. Adding a failure means add
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
 
@@ -54,11 +53,30 @@ class Reason(enum.Enum):
         self.check_code = check_code
 
 
-@dataclass(frozen=True)
 class Outcome:
-    reason: Reason
-    detail: str
-    retry_after: Optional[float] = None  # seconds the ingress asked us to wait, if it said
+    """How one delivery ended: a row of the table, a line of detail, and any Retry-After.
+
+    A plain class rather than a dataclass: every delivered message pays for building classes at
+    import time, and dataclasses would cost deliver a few milliseconds for nothing it uses.
+    """
+
+    __slots__ = ("detail", "reason", "retry_after")
+
+    def __init__(self, reason: Reason, detail: str, retry_after: Optional[float] = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.retry_after = retry_after  # seconds the ingress asked us to wait, if it said
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Outcome):
+            return NotImplemented
+        return (self.reason, self.detail, self.retry_after) == (other.reason, other.detail, other.retry_after)
+
+    def __hash__(self) -> int:
+        return hash((self.reason, self.detail, self.retry_after))
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.reason.name}, {self.detail!r}, retry_after={self.retry_after!r})"
 
     @property
     def kind(self) -> Kind:

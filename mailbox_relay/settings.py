@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -112,14 +111,15 @@ def _check_address(address: str, where: str) -> str:
     return address
 
 
-@dataclass(frozen=True)
 class Field:
     """One setting: its environment names (first set wins), parser and default."""
 
-    env: Tuple[str, ...]
-    parse: Parser
-    default: Any = None
-    help: str = ""
+    __slots__ = ("default", "env", "parse")
+
+    def __init__(self, env: Tuple[str, ...], parse: Parser, default: Any = None) -> None:
+        self.env = env
+        self.parse = parse
+        self.default = default
 
 
 def _env(name: str, *aliases: str) -> Tuple[str, ...]:
@@ -193,14 +193,20 @@ def read_config(path: Optional[str]) -> Dict[str, Any]:
     return data
 
 
-@dataclass
 class Layers:
     """The three sources of settings, asked in order: option, environment, config file."""
 
-    options: Mapping[str, Any]
-    environ: Mapping[str, str]
-    config: Mapping[str, Any] = field(default_factory=dict)
-    config_path: Optional[str] = None
+    def __init__(
+        self,
+        options: Mapping[str, Any],
+        environ: Mapping[str, str],
+        config: Optional[Mapping[str, Any]] = None,
+        config_path: Optional[str] = None,
+    ) -> None:
+        self.options = options
+        self.environ = environ
+        self.config: Mapping[str, Any] = config or {}
+        self.config_path = config_path
 
     def get(self, name: str) -> Tuple[Any, str]:
         """A setting's value and where it came from ("option --url", "env URL", ...)."""
@@ -277,23 +283,46 @@ def is_loopback(host: str) -> bool:
     return len(octets) == 4 and octets[0] == "127" and all(o.isdigit() for o in octets)
 
 
-@dataclass(frozen=True)
 class Settings:
-    """What `deliver`, `import` and `check` need to reach the ingress."""
+    """What `deliver`, `import` and `check` need to reach the ingress.
 
-    url: str
-    password: str = field(repr=False)
-    exit_codes: str = "sysexits"
-    envelope_recipients: Tuple[str, ...] = ()
-    timeout: float = 30.0
-    retry_for: float = 60.0
-    max_size: Optional[int] = None
-    ca_bundle: Optional[str] = None
-    insecure: bool = False
-    user_agent: str = f"mailbox-relay/{__version__}"
-    allow_http: bool = False
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
-    warnings: Tuple[str, ...] = ()
+    A plain class (every delivery pays for building a dataclass at import time); its repr
+    leaves the password out.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        password: str,
+        exit_codes: str = "sysexits",
+        envelope_recipients: Tuple[str, ...] = (),
+        timeout: float = 30.0,
+        retry_for: float = 60.0,
+        max_size: Optional[int] = None,
+        ca_bundle: Optional[str] = None,
+        insecure: bool = False,
+        user_agent: str = f"mailbox-relay/{__version__}",
+        allow_http: bool = False,
+        sources: Optional[Mapping[str, str]] = None,
+        warnings: Tuple[str, ...] = (),
+    ) -> None:
+        self.url = url
+        self.password = password
+        self.exit_codes = exit_codes
+        self.envelope_recipients = envelope_recipients
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self.max_size = max_size
+        self.ca_bundle = ca_bundle
+        self.insecure = insecure
+        self.user_agent = user_agent
+        self.allow_http = allow_http
+        self.sources: Mapping[str, str] = sources or {}
+        self.warnings = warnings
+
+    def __repr__(self) -> str:
+        return f"Settings(url={self.url!r}, password=<hidden>, timeout={self.timeout!r})"
 
     @property
     def password_source(self) -> str:
