@@ -117,7 +117,7 @@ def import_(
 ) -> int:
     from mailbox_relay.importer import Filters, run_import, summary_lines
     from mailbox_relay.outcome import RelayError
-    from mailbox_relay.progress import choose
+    from mailbox_relay.progress import RichProgress, choose
     from mailbox_relay.sources import NotASource
 
     filters = Filters(
@@ -126,7 +126,9 @@ def import_(
         labels=frozenset(name.casefold() for name in label),
         exclude_labels=frozenset(name.casefold() for name in exclude_label),
     )
-    log = no_log if quiet else stderr_log
+    progress = choose(sys.stderr, quiet=quiet, fancy=not as_json)
+    live_bar = isinstance(progress, RichProgress)
+    log = no_log if quiet else progress.log if isinstance(progress, RichProgress) else stderr_log
     try:
         summary = run_import(
             options,
@@ -137,9 +139,10 @@ def import_(
             restart=restart,
             filters=filters,
             failed_dir=failed_dir,
-            progress=choose(sys.stderr, quiet=quiet, fancy=not as_json),
+            progress=progress,
             log=log,
-            quiet=quiet,
+            # Worker processes write to stderr themselves, which would tear a live bar.
+            quiet=quiet or live_bar,
         )
     except RelayError as error:
         click.echo(error.outcome.line(), err=True)

@@ -72,14 +72,26 @@ class RichProgress:
             transient=False,
         )
         self._task = self._bar.add_task("import", total=None, messages=0, rate=0.0, failed=0)
-        self._bar.start()
+        self._started = False  # at the first update, so lines logged before it stay above
         self._next = 0.0
+        self._total = 0
+
+    def log(self, line: str) -> None:
+        """A log line above the live bar (a plain write to stderr would tear it)."""
+        self._bar.console.print(f"mailbox-relay: {line}", markup=False, highlight=False)
 
     def update(self, summary: Summary, done_bytes: int, total_bytes: int) -> None:
         now = time.monotonic()
         if now < self._next:  # rich redraws 10 times a second; more updates only cost time
             return
         self._next = now + 0.1
+        if not self._started:
+            self._bar.start()
+            self._started = True
+        self._total = total_bytes
+        self._draw(summary, done_bytes, total_bytes)
+
+    def _draw(self, summary: Summary, done_bytes: int, total_bytes: int) -> None:
         self._bar.update(
             self._task,
             total=total_bytes,
@@ -90,7 +102,9 @@ class RichProgress:
         )
 
     def close(self, summary: Summary) -> None:
-        self._bar.stop()
+        if self._started:
+            self._draw(summary, self._total, self._total)  # the final counts, not the last tick
+            self._bar.stop()
 
 
 def choose(stream: Any, *, quiet: bool, fancy: bool = True) -> Progress:

@@ -295,3 +295,19 @@ def test_rate_limits_messages_per_second(tmp_path: Path, clean_env: Dict[str, st
         elapsed = time.monotonic() - started
     assert code == 0 and len(ingress.bodies) == 10
     assert elapsed >= 9 / 20  # the tenth message may not start before 0.45 s
+
+
+def test_rich_progress_logs_above_the_bar_and_ends_on_the_final_counts() -> None:
+    import io
+
+    from mailbox_relay.importer import Summary
+    from mailbox_relay.progress import RichProgress
+
+    stream = io.StringIO()
+    progress = RichProgress(stream)
+    progress.log("in.mbox: reading as mbox")
+    progress.update(Summary(messages=3, delivered=3), 100, 1000)
+    progress.close(Summary(messages=20, delivered=19, failed=1))
+    text = stream.getvalue()
+    assert text.index("mailbox-relay: in.mbox: reading as mbox") < text.index("import")
+    assert "20 msgs" in text and "1 failed" in text
