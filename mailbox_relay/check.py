@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 from urllib.parse import urlsplit
 
 from mailbox_relay.outcome import ConfigError, Outcome, Reason, check_exit_code
@@ -54,12 +54,18 @@ class Report:
         }
 
 
-def run_check(options: Mapping[str, Any], environ: Mapping[str, str]) -> Report:
+def run_check(
+    options: Mapping[str, Any],
+    environ: Mapping[str, str],
+    log: Callable[[str], None] = lambda line: None,
+) -> Report:
     report = Report()
     try:
         settings = load_settings(options, environ)
     except ConfigError as error:
         return report.failed("settings", error.outcome.detail, CONFIGURATION)
+    for line in settings.describe():  # -v: every setting and where it came from
+        log(line)
     report.url = settings.url
     report.passed("settings", _describe_sources(settings))
     parts = urlsplit(settings.url)

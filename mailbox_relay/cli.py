@@ -108,8 +108,8 @@ def connection_options(command: F) -> F:
             "-v",
             "--verbose",
             is_flag=True,
-            help="Log settings (and where each came from), attempts and results to stderr. "
-            "Never logs the password.",
+            help="Log every setting and where it came from (and, for deliver, each attempt) to "
+            "stderr. Never logs the password.",
         ),
     ]
     return _apply(options, command)
@@ -232,7 +232,7 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> int:
     with signals_interrupt(), _captured_warnings(notes):
         try:
             outcome, style, more = deliver_message(
-                options, os.environ, lambda: read_message(file, sys.stdin.buffer), log
+                options, os.environ, lambda: read_message(file, sys.stdin.buffer), log, style
             )
             notes += more
         except Interrupted as signal_name:

@@ -143,6 +143,7 @@ def import_(
             log=log,
             # Worker processes write to stderr themselves, which would tear a live bar.
             quiet=quiet or live_bar,
+            verbose=verbose,
         )
     except RelayError as error:
         click.echo(error.outcome.line(), err=True)
@@ -188,7 +189,7 @@ Exit codes (for people and monitoring):
 def check(verbose: bool, as_json: bool, **options: Any) -> int:
     from mailbox_relay.check import render, run_check
 
-    report = run_check(options, os.environ)
+    report = run_check(options, os.environ, stderr_log if verbose else no_log)
     if as_json:
         import json
 

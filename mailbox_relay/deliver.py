@@ -37,9 +37,12 @@ def deliver(
     environ: Mapping[str, str],
     read: Callable[[], bytes],
     log: Log,
+    style: str = "sysexits",
 ) -> Tuple[Outcome, str, List[str]]:
-    """Deliver one message: (outcome, exit-code style, warnings worth showing on failure)."""
-    style = exit_style(options, environ)
+    """Deliver one message: (outcome, exit-code style, warnings worth showing on failure).
+
+    `style` is what the option or env said (see exit_style); the config file may change it.
+    """
     notes: List[str] = []
     try:
         layers = open_layers(options, environ)

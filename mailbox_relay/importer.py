@@ -393,6 +393,7 @@ def run_import(
     progress: Progress,
     log: Callable[[str], None],
     quiet: bool = False,
+    verbose: bool = False,
 ) -> Summary:
     """Resolve settings, open the inputs and the journal, and run the import.
 
@@ -400,6 +401,9 @@ def run_import(
     """
     layers = open_layers(options, environ)
     settings = None if dry_run else settings_from(layers)
+    if settings is not None and verbose:
+        for line in settings.describe():
+            log(line)
     plan = Plan(
         jobs=layers.get("jobs")[0],
         rate=layers.get("rate")[0],

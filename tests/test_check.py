@@ -150,3 +150,18 @@ def test_insecure_skips_verification_and_says_so(
     tls = steps(report)["tls"]
     assert tls["ok"] and "NOT verified (--insecure)" in tls["detail"]  # type: ignore[index]
     assert code == 78  # the probe reached the server, which is not Action Mailbox
+
+
+def test_verbose_lists_every_setting_and_its_source_on_stderr(
+    tmp_path: Path, clean_env: Dict[str, str]
+) -> None:
+    with LocalServe(str(tmp_path / "inbox")) as serve:
+        code, out, err = invoke(
+            ["check", "-v", "--url", serve.base, "--timeout", "7"], env={"MAILBOX_RELAY_PASSWORD": "pw"}
+        )
+        quiet = invoke(["check", "--url", serve.base], env={"MAILBOX_RELAY_PASSWORD": "pw"})
+    assert code == 0
+    assert "mailbox-relay: timeout = 7.0 (option --timeout)" in err
+    assert "mailbox-relay: password = <set> (env MAILBOX_RELAY_PASSWORD)" in err
+    assert "timeout" not in out
+    assert quiet[0] == 0 and quiet[2] == ""  # without -v, nothing on stderr

@@ -311,3 +311,14 @@ def test_rich_progress_logs_above_the_bar_and_ends_on_the_final_counts() -> None
     text = stream.getvalue()
     assert text.index("mailbox-relay: in.mbox: reading as mbox") < text.index("import")
     assert "20 msgs" in text and "1 failed" in text
+
+
+def test_verbose_lists_every_setting_and_its_source(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    mbox = write_mbox(tmp_path / "in.mbox", [message(0)])
+    with Ingress204() as ingress:
+        code, _, err = run_import(
+            ["-v", "--url", ingress.url, "--no-state", "--retry-for", "5", str(mbox)], {}
+        )
+    assert code == 0
+    assert "mailbox-relay: retry_for = 5.0 (option --retry-for)" in err
+    assert "password = <set> (env MAILBOX_RELAY_PASSWORD)" in err and "=pw" not in err
