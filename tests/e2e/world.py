@@ -22,7 +22,6 @@ import pytest
 from ..peers import free_port
 
 MAIL_USER = "mrvmail"  # Dovecot refuses to store mail as uid 0
-RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
 TEMPLATE_VERSION = "4"  # bump when the app template below changes
 
 
@@ -196,6 +195,14 @@ _RAILS_NEW = [
 
 _GEMFILE = "source 'https://rubygems.org'\ngem 'rails', '~> 6.1.7'\ngem 'sqlite3', '~> 1.4'\ngem 'puma'\n"
 
+# Some Debian gem packages (ruby-sqlite3 1.4.2-4+b3) ship a gemspec whose gem directory does not
+# exist; Bundler then takes the gem for deleted and `bundle install --local` fails with "Could not
+# find sqlite3-1.4.2.gem for installation". An empty directory is all Bundler looks for.
+_DEBIAN_GEM_DIRS = (
+    'Gem::Specification.each { |s| next unless s.loaded_from.to_s.include?("rubygems-integration"); '
+    "FileUtils.mkdir_p(s.full_gem_path) unless File.directory?(s.full_gem_path) }"
+)
+
 _DEVELOPMENT_EXTRA = """
 Rails.application.configure do
   # E2E_INGRESS=none starts the app without the relay ingress (it then answers 404).
@@ -250,6 +257,7 @@ def build_app_template(cache: Path) -> Path:
     app = building / "app"
     (app / "Gemfile").write_text(_GEMFILE)
     (app / "Gemfile.lock").unlink(missing_ok=True)
+    run(["ruby", "-rfileutils", "-e", _DEBIAN_GEM_DIRS])
     run(["bundle", "install", "--local"], cwd=app)
     run(["bin/rails", "action_mailbox:install"], cwd=app)
     run(["bin/rails", "db:migrate"], cwd=app)
