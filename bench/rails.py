@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import FLOOR, machine, median, relay_script, timed
 
-from tests.e2e.world import RELAY_PATH, RailsApp, build_app_template
+from tests.e2e.world import RailsApp, build_app_template
+from tests.helpers import RELAY_PATH
 
 
 def message(tag: str, n: int) -> bytes:

@@ -11,13 +11,11 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
-from urllib.parse import urlsplit
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from mailbox_relay.outcome import ConfigError, Outcome, Reason, check_exit_code
+from mailbox_relay.log import Log, nowhere
+from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, UsageError, check_exit_code
 from mailbox_relay.settings import Settings, load_settings
-
-READY, PASSWORD, CONFIGURATION, UNAVAILABLE = 0, 77, 78, 69
 
 
 @dataclass(frozen=True)
@@ -30,17 +28,17 @@ class Step:
 @dataclass
 class Report:
     steps: List[Step] = field(default_factory=list)
-    exit_code: int = READY
+    exit_code: Exit = Exit.OK
     url: Optional[str] = None
 
     @property
     def ready(self) -> bool:
-        return self.exit_code == READY
+        return self.exit_code is Exit.OK
 
     def passed(self, name: str, detail: str) -> None:
         self.steps.append(Step(name, True, detail))
 
-    def failed(self, name: str, detail: str, code: int) -> Report:
+    def failed(self, name: str, detail: str, code: Exit) -> Report:
         self.steps.append(Step(name, False, detail))
         self.exit_code = code
         return self
@@ -48,7 +46,7 @@ class Report:
     def as_json(self) -> Dict[str, Any]:
         return {
             "ready": self.ready,
-            "exit_code": self.exit_code,
+            "exit_code": int(self.exit_code),
             "url": self.url,
             "steps": [{"step": s.name, "ok": s.ok, "detail": s.detail} for s in self.steps],
         }
@@ -57,26 +55,28 @@ class Report:
 def run_check(
     options: Mapping[str, Any],
     environ: Mapping[str, str],
-    log: Callable[[str], None] = lambda line: None,
+    log: Log = nowhere,
 ) -> Report:
+    """Every step in turn, stopping at the first that fails. Raises UsageError for a bad option."""
     report = Report()
     try:
         settings = load_settings(options, environ)
+    except UsageError:
+        raise
     except ConfigError as error:
-        return report.failed("settings", error.outcome.detail, CONFIGURATION)
+        return report.failed("settings", error.outcome.detail, Exit.CONFIG)
     for line in settings.describe():  # -v: every setting and where it came from
         log(line)
     report.url = settings.url
     report.passed("settings", _describe_sources(settings))
-    parts = urlsplit(settings.url)
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    if not _resolve(report, host, port):
+    endpoint = settings.endpoint
+    if not _resolve(report, endpoint.host, endpoint.port):
         return report
-    connection = _connect(report, host, port, settings.timeout)
+    connection = _connect(report, endpoint.host, endpoint.port, settings.timeout)
     if connection is None:
         return report
     with connection:
-        if parts.scheme == "https" and not _handshake(report, connection, host, settings):
+        if endpoint.scheme == "https" and not _handshake(report, connection, endpoint.host, settings):
             return report
     return _probe(report, settings)
 
@@ -89,7 +89,7 @@ def _resolve(report: Report, host: str, port: int) -> bool:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        report.failed("dns", f"cannot resolve {host}: {error.strerror}", UNAVAILABLE)
+        report.failed("dns", f"cannot resolve {host}: {error.strerror}", Exit.UNAVAILABLE)
         return False
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     report.passed("dns", f"{host} is {', '.join(addresses)}")
@@ -102,27 +102,19 @@ def _connect(report: Report, host: str, port: int, timeout: float) -> Optional[s
         connection = socket.create_connection((host, port), timeout=timeout)
     except OSError as error:
         why = "timed out" if isinstance(error, socket.timeout) else (error.strerror or str(error))
-        report.failed("tcp", f"cannot connect to {host}:{port}: {why}", UNAVAILABLE)
+        report.failed("tcp", f"cannot connect to {host}:{port}: {why}", Exit.UNAVAILABLE)
         return None
     report.passed("tcp", f"connected to {host}:{port} in {_ms(started)}")
     return connection
 
 
-def _tls_context(settings: Settings) -> ssl.SSLContext:
-    if settings.insecure:
-        return ssl._create_unverified_context()
-    import certifi  # what requests verifies against, unless --ca-bundle says otherwise
-
-    return ssl.create_default_context(cafile=settings.ca_bundle or certifi.where())
-
-
 def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:
     try:
-        with _tls_context(settings).wrap_socket(connection, server_hostname=host) as tls:
+        with settings.tls.context().wrap_socket(connection, server_hostname=host) as tls:
             version, certificate = tls.version(), tls.getpeercert()
     except (ssl.SSLError, OSError) as error:
         detail = f"TLS with {host} failed: {getattr(error, 'verify_message', None) or error}"
-        report.failed("tls", detail + "; fix the certificate, or pass --ca-bundle", UNAVAILABLE)
+        report.failed("tls", detail + "; fix the certificate, or pass --ca-bundle", Exit.UNAVAILABLE)
         return False
     if not certificate:
         report.passed("tls", f"{version}, certificate NOT verified (--insecure)")
@@ -140,7 +132,7 @@ def _handshake(report: Report, connection: socket.socket, host: str, settings: S
 
 
 def _probe(report: Report, settings: Settings) -> Report:
-    from mailbox_relay.ingress import make_session, probe
+    from mailbox_relay.ingress.client import make_session, probe
 
     started = time.monotonic()
     with make_session(settings) as session:
@@ -186,7 +178,7 @@ def render(report: Report, stream: Any) -> None:
     stream.flush()
 
 
-def _marks(stream: Any) -> tuple[str, str]:
+def _marks(stream: Any) -> Tuple[str, str]:
     try:
         "✓✗".encode(getattr(stream, "encoding", None) or "utf-8")
     except (UnicodeEncodeError, LookupError):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Callable, List, Mapping, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Mapping, Optional
 
+from mailbox_relay.log import Log
 from mailbox_relay.message import prepare
 from mailbox_relay.outcome import ConfigError, Outcome, RelayError
-from mailbox_relay.settings import Layers, open_layers, settings_from
-
-Log = Callable[[str], None]
+from mailbox_relay.settings import open_layers, settings_from
 
 
 def read_message(file: Optional[str], stdin: BinaryIO) -> bytes:
@@ -24,39 +23,20 @@ def read_message(file: Optional[str], stdin: BinaryIO) -> bytes:
         raise ConfigError(f"cannot read the message file {file}: {error.strerror}") from None
 
 
-def exit_style(options: Mapping[str, Any], environ: Mapping[str, str]) -> str:
-    """The exit-code style from the option or env alone, for failures before the config is read."""
-    try:
-        return str(Layers(options, environ).get("exit_codes")[0])
-    except ConfigError:
-        return "sysexits"
-
-
 def deliver(
-    options: Mapping[str, Any],
-    environ: Mapping[str, str],
-    read: Callable[[], bytes],
-    log: Log,
-    style: str = "sysexits",
-) -> Tuple[Outcome, str, List[str]]:
-    """Deliver one message: (outcome, exit-code style, warnings worth showing on failure).
-
-    `style` is what the option or env said (see exit_style); the config file may change it.
-    """
-    notes: List[str] = []
+    options: Mapping[str, Any], environ: Mapping[str, str], read: Callable[[], bytes], log: Log
+) -> Outcome:
+    """Deliver one message. Settings warnings go through the `warnings` module (see cli.deliver)."""
     try:
-        layers = open_layers(options, environ)
-        style = str(layers.get("exit_codes")[0])
-        settings = settings_from(layers)
-        notes += settings.warnings
+        settings = settings_from(open_layers(options, environ))
         for line in settings.describe():
             log(line)
-        prepared = prepare(read(), recipients=settings.envelope_recipients, max_size=settings.max_size)
+        prepared = prepare(read(), recipients=settings.envelope_recipient, max_size=settings.max_size)
         log(f"message: {prepared.size} bytes to send, {len(prepared.prefix)} of them added headers")
         # Imported here: requests is the heaviest import, and a bad config or message skips it.
-        from mailbox_relay.ingress import make_session, post_with_retry
+        from mailbox_relay.ingress.client import make_session, post_with_retry
 
         with make_session(settings) as session:
-            return post_with_retry(session, settings, prepared, log=log), style, notes
+            return post_with_retry(session, settings, prepared, log=log)
     except RelayError as error:
-        return error.outcome, style, notes
+        return error.outcome

@@ -12,29 +12,18 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    FrozenSet,
-    Iterable,
-    List,
-    Mapping,
-    Optional,
-    Protocol,
-    Sequence,
-    Tuple,
-)
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from mailbox_relay.filters import Filters
 from mailbox_relay.journal import Journal, default_path
+from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
-from mailbox_relay.message import Prepared, body_start, field_values, header_lines, prepare
+from mailbox_relay.message import Prepared, body_start, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason
-from mailbox_relay.settings import Settings, open_layers, settings_from
+from mailbox_relay.progress import NoProgress, Progress, Summary
+from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers, settings_from
 from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources import Source, detect
 from mailbox_relay.workers import deliver_batch, start_workers
@@ -45,55 +34,6 @@ BATCH_BYTES = 1024 * 1024
 MAX_LISTED_FAILURES = 1000  # the summary names this many; the counts cover them all
 
 
-@dataclass(frozen=True)
-class Filters:
-    """--since/--until on the Date header, --label/--exclude-label on X-Gmail-Labels."""
-
-    since: Optional[datetime] = None
-    until: Optional[datetime] = None
-    labels: FrozenSet[str] = frozenset()
-    exclude_labels: FrozenSet[str] = frozenset()
-
-    @property
-    def active(self) -> bool:
-        return bool(self.since or self.until or self.labels or self.exclude_labels)
-
-    def keep(self, header: Sequence[bytes]) -> bool:
-        if self.labels or self.exclude_labels:
-            labels = message_labels(header)
-            if self.labels and not labels & self.labels:
-                return False
-            if labels & self.exclude_labels:
-                return False
-        if self.since or self.until:
-            date = message_date(header)
-            if date is None:
-                return True  # undated: kept, since we cannot tell
-            if (self.since and date < self.since) or (self.until and date >= self.until):
-                return False
-        return True
-
-
-def message_labels(header: Sequence[bytes]) -> FrozenSet[str]:
-    labels = set()
-    for value in field_values(header, b"x-gmail-labels"):
-        for label in value.decode("utf-8", "replace").split(","):
-            labels.add(label.strip().strip('"').casefold())
-    return frozenset(labels)
-
-
-def message_date(header: Sequence[bytes]) -> Optional[datetime]:
-    from email.utils import parsedate_to_datetime
-
-    for value in field_values(header, b"date"):
-        try:
-            date = parsedate_to_datetime(value.decode("ascii", "replace"))
-        except (TypeError, ValueError, IndexError):
-            return None
-        return date if date.tzinfo else date.replace(tzinfo=timezone.utc)
-    return None
-
-
 @dataclass
 class Item:
     source: str
@@ -102,103 +42,31 @@ class Item:
     sha256: str
 
 
-@dataclass
-class Summary:
-    dry_run: bool = False
-    delivered: int = 0
-    already: int = 0
-    filtered: int = 0
-    invalid: int = 0
-    failed: int = 0
-    messages: int = 0
-    bytes_sent: int = 0
-    interrupted: bool = False
-    abandoned: int = 0
-    started: float = field(default_factory=time.monotonic)
-    reasons: Counter[str] = field(default_factory=Counter)
-    failures: List[Dict[str, str]] = field(default_factory=list)
-    sources: List[Dict[str, str]] = field(default_factory=list)
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    @property
-    def undelivered(self) -> int:
-        return self.failed + self.abandoned
-
-    def exit_code(self) -> int:
-        """0 nothing left to do; 75 something may still work (rerun resumes); 65 only invalid."""
-        if self.undelivered or self.interrupted:
-            return 75
-        return 65 if self.invalid else 0
-
-    def as_json(self) -> Dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "sources": self.sources,
-            "messages": self.messages,
-            "delivered": self.delivered,
-            "already_delivered": self.already,
-            "filtered_out": self.filtered,
-            "invalid": self.invalid,
-            "failed": self.undelivered,
-            "interrupted": self.interrupted,
-            "bytes_sent": self.bytes_sent,
-            "seconds": round(self.elapsed, 3),
-            "top_failure_reasons": [
-                {"count": count, "reason": reason} for reason, count in self.reasons.most_common(5)
-            ],
-            "failures": self.failures,
-            "exit_code": self.exit_code(),
-        }
-
-
-class Progress(Protocol):
-    def update(self, summary: Summary, done_bytes: int, total_bytes: int) -> None: ...
-
-    def close(self, summary: Summary) -> None: ...
-
-
-class NoProgress:
-    def update(self, summary: Summary, done_bytes: int, total_bytes: int) -> None:
-        pass
-
-    def close(self, summary: Summary) -> None:
-        pass
-
-
-@dataclass
-class Plan:
-    """How to import: everything but the connection settings."""
-
-    jobs: int = 4
-    rate: Optional[float] = None
-    dry_run: bool = False
-    filters: Filters = field(default_factory=Filters)
-    recipients: Sequence[str] = ()
-    max_size: Optional[int] = None
-    quiet: bool = False  # workers log concurrency changes unless quiet
-
-
 class Importer:
+    """Reads the sources, admits each message, and hands batches to `pool` (worker processes
+    that post them); with no pool it is a dry run, which counts what would be sent."""
+
     def __init__(
         self,
-        settings: Optional[Settings],
-        plan: Plan,
+        settings: ImportSettings,
+        message: MessageSettings,
         *,
+        pool: Optional[Executor],
+        filters: Optional[Filters] = None,
         journal: Optional[Journal] = None,
         failed_dir: Optional[str] = None,
         progress: Optional[Progress] = None,
-        log: Callable[[str], None] = lambda line: None,
+        log: Log = nowhere,
     ) -> None:
         self.settings = settings
-        self.plan = plan
+        self.message = message
+        self.pool = pool
+        self.filters = filters or Filters()
         self.journal = journal
         self.failed = MaildirWriter(failed_dir) if failed_dir else None
         self.progress = progress or NoProgress()
         self.log = log
-        self.summary = Summary(dry_run=plan.dry_run)
+        self.summary = Summary(dry_run=pool is None)
         self._pending: Dict[Future[Tuple[List[Outcome], float]], List[Item]] = {}
         self._seconds_per_message = 1.0  # measured as batches come back
         self._batch: List[Item] = []
@@ -211,7 +79,7 @@ class Importer:
 
     def run(self, sources: Sequence[Source]) -> Summary:
         self._total_bytes = sum(source.size() for source in sources)
-        pool = None if self.plan.dry_run else start_workers(self.settings, self.plan.jobs, self.plan.quiet)
+        pool = self.pool
         try:
             with stop_signals(self._signalled):
                 for source in sources:
@@ -262,12 +130,12 @@ class Importer:
         return (
             len(self._batch) >= size
             or self._batch_bytes >= BATCH_BYTES
-            or len(self._pending) < self.plan.jobs
-            or self.plan.rate is not None
+            or len(self._pending) < self.settings.jobs
+            or self.settings.rate is not None
         )
 
     def _submit(self, pool: Executor) -> None:
-        while len(self._pending) >= 2 * self.plan.jobs and not self._signals:
+        while len(self._pending) >= 2 * self.settings.jobs and not self._signals:
             self._collect(everything=False)
         payloads = [item.prepared.to_bytes() for item in self._batch]
         self._pending[pool.submit(deliver_batch, payloads)] = self._batch
@@ -276,15 +144,17 @@ class Importer:
     def _admit(self, source: str, key: str, raw: bytes) -> Optional[Item]:
         """Validate, filter and check the journal; None if this message is not to be sent."""
         try:
-            prepared = prepare(raw, recipients=self.plan.recipients, max_size=self.plan.max_size)
+            prepared = prepare(
+                raw, recipients=self.message.envelope_recipient, max_size=self.message.max_size
+            )
         except InvalidMessage as error:
             self.summary.invalid += 1
             self._failure(source, key, raw[body_start(raw) :], error.outcome)
             return None
-        if self.plan.filters.active and not self.plan.filters.keep(header_lines(prepared.header)):
+        if self.filters.active and not self.filters.keep(header_lines(prepared.header)):
             self.summary.filtered += 1
             return None
-        if self.plan.dry_run:
+        if self.pool is None:  # a dry run: no journal to ask
             return Item(source, key, prepared, "")
         digest = hashlib.sha256(prepared.prefix)
         digest.update(prepared.parts()[1])
@@ -295,11 +165,11 @@ class Importer:
         return item
 
     def _throttle(self) -> None:
-        if self.plan.rate is None:
+        if self.settings.rate is None:
             return
         in_flight = self._in_flight() + len(self._batch)
         submitted = self.summary.delivered + self.summary.failed + in_flight
-        due = self.summary.started + submitted / self.plan.rate
+        due = self.summary.started + submitted / self.settings.rate
         delay = due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -362,24 +232,6 @@ def _results(future: Future[Tuple[List[Outcome], float]], count: int) -> Tuple[L
         return [failed] * count, 0.0
 
 
-def summary_lines(summary: Summary) -> Iterable[str]:
-    """The human summary, printed at the end of a run."""
-    verb = "valid (would be delivered)" if summary.dry_run else "delivered"
-    rate = summary.messages / summary.elapsed if summary.elapsed else 0.0
-    yield (
-        f"{summary.messages} message{'' if summary.messages == 1 else 's'} in {summary.elapsed:.1f}s "
-        f"({rate:.0f}/s): "
-        f"{summary.delivered} {verb}, {summary.already} already delivered, "
-        f"{summary.filtered} filtered out, {summary.invalid} invalid, {summary.undelivered} failed"
-    )
-    for reason, count in summary.reasons.most_common(5):
-        yield f"  {count} x {reason}"
-    if summary.interrupted:
-        yield "interrupted: run the same command again to resume"
-    elif summary.undelivered:
-        yield "some deliveries failed: fix the cause above and run the same command again to resume"
-
-
 def run_import(
     options: Mapping[str, Any],
     paths: Sequence[str],
@@ -391,7 +243,7 @@ def run_import(
     filters: Filters,
     failed_dir: Optional[str],
     progress: Progress,
-    log: Callable[[str], None],
+    log: Log,
     quiet: bool = False,
     verbose: bool = False,
 ) -> Summary:
@@ -400,32 +252,33 @@ def run_import(
     Raises ConfigError for bad settings and NotASource for an input it cannot read.
     """
     layers = open_layers(options, environ)
-    settings = None if dry_run else settings_from(layers)
-    if settings is not None and verbose:
-        for line in settings.describe():
+    settings = ImportSettings.resolve(layers)
+    message = MessageSettings.resolve(layers)
+    delivery = None if dry_run else settings_from(layers)
+    if verbose:
+        for line in [*settings.describe(), *(delivery or message).describe()]:
             log(line)
-    plan = Plan(
-        jobs=layers.get("jobs")[0],
-        rate=layers.get("rate")[0],
-        dry_run=dry_run,
-        filters=filters,
-        recipients=layers.get("envelope_recipient")[0],
-        max_size=layers.get("max_size")[0],
-        quiet=quiet,
-    )
-    mboxrd = layers.get("mbox_format")[0] == "mboxrd"
+    mboxrd = settings.mbox_format == "mboxrd"
     sources = [detect(os.path.realpath(path), mboxrd=mboxrd) for path in paths]
     for source in sources:
         log(f"{source.path}: reading as {source.kind}")
     journal = None
-    if use_state and not dry_run:
-        journal = Journal(layers.get("state")[0] or default_path(environ))
+    if use_state and delivery is not None:
+        journal = Journal(settings.state or default_path(environ))
         for source in sources:
             if restart:
                 log(f"{source.path}: forgot {journal.forget(source.path)} earlier deliveries (--restart)")
     try:
+        pool = None if delivery is None else start_workers(delivery, settings.jobs, quiet)
         importer = Importer(
-            settings, plan, journal=journal, failed_dir=failed_dir, progress=progress, log=log
+            settings,
+            message,
+            pool=pool,
+            filters=filters,
+            journal=journal,
+            failed_dir=failed_dir,
+            progress=progress,
+            log=log,
         )
         return importer.run(sources)
     finally:

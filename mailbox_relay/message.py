@@ -15,10 +15,11 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from mailbox_relay.outcome import InvalidMessage, Reason
 
 # A header line is a field (RFC 5322 name: printable US-ASCII except the colon; obsolete syntax
-# allows blanks before the colon) or a folded continuation. This finds the first line that is
-# neither.
-_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
-_BAD_LINE = re.compile(rb"^(?![!-9;-~]+[ \t]*:|[ \t])", re.M)
+# allows blanks before the colon) or a folded continuation. _BAD_LINE finds the first line that
+# is neither.
+_FIELD_NAME = rb"[!-9;-~]+[ \t]*:"
+_FIELD = re.compile(_FIELD_NAME)
+_BAD_LINE = re.compile(rb"^(?!" + _FIELD_NAME + rb"|[ \t])", re.M)
 _FROM_FIELD = re.compile(rb"^from[ \t]*:", re.M | re.I)
 _NOT_BLANK = re.compile(rb"[^ \t\r\n]")
 
@@ -115,6 +116,11 @@ def _check_header(header: bytes, first_line: int) -> None:
         raise InvalidMessage(f"not an RFC 822 message: line {line_of(bad.start())} is not a header field")
     if _FROM_FIELD.search(block) is None:
         raise InvalidMessage("not an RFC 822 message: it has no From: header field")
+
+
+def starts_with_field(data: bytes) -> bool:
+    """Does `data` begin with a header field (`Name: ...`), as a message does?"""
+    return _FIELD.match(data) is not None
 
 
 def field_name(line: bytes) -> bytes:

@@ -1,19 +1,29 @@
-"""The one outcome table: every way a delivery can end, and the exit codes for each.
+"""The one outcome table: every way a delivery can end, and the only place with exit numbers.
 
-Nothing here does I/O. The CLI's single error boundary turns an `Outcome` into an exit code
-with `exit_code()`; `check` uses `check_exit_code()`. Adding a failure means adding one row.
+Nothing here does I/O. The CLI's single error boundary turns an `Outcome` into an `Exit` with
+`exit_code()`; `check` uses `check_exit_code()`. Adding a failure means adding one row.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Optional
-from urllib.parse import urlsplit
+from typing import Dict, Optional
 
-RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
 
-# Paths that old guides (and the relay controller's own doc comment) print, but Rails never routed.
-_WRONG_INGRESS_SEGMENTS = ("/postfix/", "/exim/", "/qmail/")
+class Exit(enum.IntEnum):
+    """Every exit code mailbox-relay uses: sysexits(3), plus qmail's two."""
+
+    OK = 0
+    USAGE = 64  # EX_USAGE: a person typed a wrong option (never for deliver: MTAs bounce on it)
+    DATAERR = 65  # EX_DATAERR: the message itself can never be accepted
+    NOINPUT = 66  # EX_NOINPUT: an import input cannot be read
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: check: the ingress cannot be reached
+    SOFTWARE = 70  # EX_SOFTWARE: check: an internal error
+    TEMPFAIL = 75  # EX_TEMPFAIL: may work later; the only code every MTA defers on
+    NOPERM = 77  # EX_NOPERM: check: the password was rejected
+    CONFIG = 78  # EX_CONFIG: check: a setting is wrong
+    QMAIL_HARD = 100  # qmail-local: permanent failure
+    QMAIL_SOFT = 111  # qmail-local: temporary failure
 
 
 class Kind(enum.Enum):
@@ -25,28 +35,28 @@ class Kind(enum.Enum):
 class Reason(enum.Enum):
     """Rows of the table: (enhanced status code, kind, retry within this run?, check exit code)."""
 
-    DELIVERED = ("2.0.0", Kind.DELIVERED, False, 0)
-    INVALID_MESSAGE = ("5.6.0", Kind.PERMANENT, False, 65)
-    TOO_BIG = ("5.3.4", Kind.PERMANENT, False, 65)
-    CONFIG = ("4.3.5", Kind.TEMPORARY, False, 78)
-    NOT_FOUND = ("4.3.5", Kind.TEMPORARY, False, 78)
-    REDIRECT = ("4.3.5", Kind.TEMPORARY, False, 78)
-    WRONG_MEDIA_TYPE = ("4.3.5", Kind.TEMPORARY, False, 78)
-    NOT_ACTION_MAILBOX = ("4.3.5", Kind.TEMPORARY, False, 78)
-    AUTH = ("4.7.0", Kind.TEMPORARY, False, 77)
-    FORBIDDEN = ("4.7.1", Kind.TEMPORARY, False, 77)
-    INGRESS_LIMIT = ("4.3.4", Kind.TEMPORARY, False, 69)
-    CLIENT_ERROR = ("4.3.0", Kind.TEMPORARY, False, 69)
-    BUSY = ("4.4.5", Kind.TEMPORARY, True, 69)
-    SERVER_ERROR = ("4.3.0", Kind.TEMPORARY, True, 69)
-    UNREACHABLE = ("4.4.1", Kind.TEMPORARY, True, 69)
-    NETWORK = ("4.4.2", Kind.TEMPORARY, True, 69)
-    TIMEOUT = ("4.4.2", Kind.TEMPORARY, True, 69)
-    TLS = ("4.7.5", Kind.TEMPORARY, False, 69)
-    INTERRUPTED = ("4.3.0", Kind.TEMPORARY, False, 75)
-    INTERNAL = ("4.3.0", Kind.TEMPORARY, False, 70)
+    DELIVERED = ("2.0.0", Kind.DELIVERED, False, Exit.OK)
+    INVALID_MESSAGE = ("5.6.0", Kind.PERMANENT, False, Exit.DATAERR)
+    TOO_BIG = ("5.3.4", Kind.PERMANENT, False, Exit.DATAERR)
+    CONFIG = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
+    NOT_FOUND = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
+    REDIRECT = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
+    WRONG_MEDIA_TYPE = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
+    NOT_ACTION_MAILBOX = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
+    AUTH = ("4.7.0", Kind.TEMPORARY, False, Exit.NOPERM)
+    FORBIDDEN = ("4.7.1", Kind.TEMPORARY, False, Exit.NOPERM)
+    INGRESS_LIMIT = ("4.3.4", Kind.TEMPORARY, False, Exit.UNAVAILABLE)
+    CLIENT_ERROR = ("4.3.0", Kind.TEMPORARY, False, Exit.UNAVAILABLE)
+    BUSY = ("4.4.5", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
+    SERVER_ERROR = ("4.3.0", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
+    UNREACHABLE = ("4.4.1", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
+    NETWORK = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
+    TIMEOUT = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
+    TLS = ("4.7.5", Kind.TEMPORARY, False, Exit.UNAVAILABLE)
+    INTERRUPTED = ("4.3.0", Kind.TEMPORARY, False, Exit.TEMPFAIL)
+    INTERNAL = ("4.3.0", Kind.TEMPORARY, False, Exit.SOFTWARE)
 
-    def __init__(self, code: str, kind: Kind, retry: bool, check_code: int) -> None:
+    def __init__(self, code: str, kind: Kind, retry: bool, check_code: Exit) -> None:
         self.code = code
         self.kind = kind
         self.retry = retry
@@ -99,12 +109,21 @@ class Outcome:
 
 DELIVERED = Outcome(Reason.DELIVERED, "delivered")
 
-SYSEXITS = {Kind.DELIVERED: 0, Kind.PERMANENT: 65, Kind.TEMPORARY: 75}  # EX_DATAERR, EX_TEMPFAIL
-QMAIL = {Kind.DELIVERED: 0, Kind.PERMANENT: 100, Kind.TEMPORARY: 111}
+SYSEXITS: Dict[Kind, Exit] = {
+    Kind.DELIVERED: Exit.OK,
+    Kind.PERMANENT: Exit.DATAERR,
+    Kind.TEMPORARY: Exit.TEMPFAIL,
+}
+QMAIL: Dict[Kind, Exit] = {
+    Kind.DELIVERED: Exit.OK,
+    Kind.PERMANENT: Exit.QMAIL_HARD,
+    Kind.TEMPORARY: Exit.QMAIL_SOFT,
+}
 EXIT_STYLES = {"sysexits": SYSEXITS, "qmail": QMAIL}
 
 
-def exit_code(outcome: Outcome, style: str = "sysexits") -> int:
+def exit_code(outcome: Outcome, style: str = "sysexits") -> Exit:
+    """The exit code an MTA reads for `outcome`, in the chosen convention (sysexits or qmail)."""
     return EXIT_STYLES.get(style, SYSEXITS)[outcome.kind]
 
 
@@ -121,96 +140,24 @@ class ConfigError(RelayError):
         super().__init__(Outcome(Reason.CONFIG, detail))
 
 
+class UsageError(ConfigError):
+    """A bad value given on the command line: exit 64 for a person, 75 for deliver (MTAs bounce 64)."""
+
+
 class InvalidMessage(RelayError):
     def __init__(self, detail: str, reason: Reason = Reason.INVALID_MESSAGE) -> None:
         super().__init__(Outcome(reason, detail))
 
 
-def wrong_ingress_path(url: str) -> bool:
-    path = urlsplit(url).path
-    return any(segment in path for segment in _WRONG_INGRESS_SEGMENTS)
-
-
-def _not_found_detail(url: str) -> str:
-    if wrong_ingress_path(url):
-        fixed = url.split("/rails/action_mailbox/")[0] + RELAY_PATH
-        return (
-            f"no relay ingress at {url} (HTTP 404): Rails only routes {RELAY_PATH}; "
-            f"use {fixed} (the app must set config.action_mailbox.ingress = :relay)"
-        )
-    return (
-        f"no relay ingress at {url} (HTTP 404): check the URL ends in {RELAY_PATH} and the app "
-        "sets config.action_mailbox.ingress = :relay"
-    )
-
-
-def classify_response(
-    status: int,
-    *,
-    url: str,
-    location: Optional[str] = None,
-    size: Optional[int] = None,
-    password_source: str = "the configured password",
-    retry_after: Optional[float] = None,
-) -> Outcome:
-    """Map an HTTP status from the ingress to its outcome and a line that says what to do."""
-    if 200 <= status < 300:
-        return DELIVERED
-    if 300 <= status < 400:
-        where = location or "(no Location header)"
-        return Outcome(
-            Reason.REDIRECT,
-            f"ingress redirected to {where} (HTTP {status}): set the URL to the final address; "
-            "mailbox-relay never follows redirects",
-        )
-    if status == 401:
-        return Outcome(
-            Reason.AUTH,
-            f"ingress rejected the password for user actionmailbox (HTTP 401): make {password_source} "
-            "match the app's RAILS_INBOUND_EMAIL_PASSWORD or action_mailbox.ingress_password",
-        )
-    if status == 403:
-        return Outcome(
-            Reason.FORBIDDEN,
-            f"ingress refused access (HTTP 403): something in front of the app (proxy, firewall, "
-            f"allow-list) blocks this client at {url}",
-        )
-    if status == 404:
-        return Outcome(Reason.NOT_FOUND, _not_found_detail(url))
-    if status == 413:
-        of = f" of {size} bytes" if size is not None else ""
-        return Outcome(
-            Reason.INGRESS_LIMIT,
-            f"message{of} is larger than the ingress accepts (HTTP 413): raise the proxy's body "
-            "limit (nginx client_max_body_size, 1m by default)",
-        )
-    if status == 415:
-        return Outcome(
-            Reason.WRONG_MEDIA_TYPE,
-            "ingress refused Content-Type message/rfc822 (HTTP 415): a proxy rewrites the "
-            "Content-Type, or the URL is not an Action Mailbox relay ingress",
-        )
-    if status in (408, 429):
-        what = "timed out reading the request" if status == 408 else "is rate limiting this client"
-        return Outcome(
-            Reason.BUSY,
-            f"ingress {what} (HTTP {status}): it will be retried; lower the sending rate if it persists",
-            retry_after,
-        )
-    if status >= 500:
-        return Outcome(
-            Reason.SERVER_ERROR,
-            f"ingress failed with HTTP {status}: see the app's log (database, Active Storage, job "
-            "queue, or no ingress password set on the server)",
-            retry_after,
-        )
-    return Outcome(
-        Reason.CLIENT_ERROR,
-        f"ingress answered HTTP {status}, which Action Mailbox never sends: check the URL points at "
-        f"the relay ingress ({url})",
-    )
-
-
-def check_exit_code(outcome: Outcome) -> int:
+def check_exit_code(outcome: Outcome) -> Exit:
     """Exit codes of `check`, for people and monitoring: 0 ready, 77 password, 78 config, 69 down."""
     return outcome.reason.check_code
+
+
+def internal_error(error: BaseException) -> Outcome:
+    """A bug of ours: temporary, so the caller keeps the message (a crash must defer, never bounce)."""
+    return Outcome(
+        Reason.INTERNAL,
+        f"internal error ({type(error).__name__}: {error}); the message was not delivered and "
+        "will be retried; please report this",
+    )

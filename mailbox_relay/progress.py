@@ -1,4 +1,5 @@
-"""Progress of `import`: rich on a terminal, a plain line every so often otherwise, or nothing.
+"""What `import` reports: the running Summary, progress (rich on a terminal, a plain line every
+so often otherwise, or nothing), and the final summary lines.
 
 rich is imported only here, and only when stderr is a terminal: `deliver` never pays for it.
 """
@@ -6,9 +7,96 @@ rich is imported only here, and only when stderr is a terminal: `deliver` never 
 from __future__ import annotations
 
 import time
-from typing import Any, TextIO
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Protocol, TextIO
 
-from mailbox_relay.importer import Progress, Summary
+from mailbox_relay.log import prefixed
+from mailbox_relay.outcome import Exit
+
+
+@dataclass
+class Summary:
+    dry_run: bool = False
+    delivered: int = 0
+    already: int = 0
+    filtered: int = 0
+    invalid: int = 0
+    failed: int = 0
+    messages: int = 0
+    bytes_sent: int = 0
+    interrupted: bool = False
+    abandoned: int = 0
+    started: float = field(default_factory=time.monotonic)
+    reasons: Counter[str] = field(default_factory=Counter)
+    failures: List[Dict[str, str]] = field(default_factory=list)
+    sources: List[Dict[str, str]] = field(default_factory=list)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def undelivered(self) -> int:
+        return self.failed + self.abandoned
+
+    def exit_code(self) -> Exit:
+        """0 nothing left to do; 75 something may still work (rerun resumes); 65 only invalid."""
+        if self.undelivered or self.interrupted:
+            return Exit.TEMPFAIL
+        return Exit.DATAERR if self.invalid else Exit.OK
+
+    def as_json(self) -> Dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "sources": self.sources,
+            "messages": self.messages,
+            "delivered": self.delivered,
+            "already_delivered": self.already,
+            "filtered_out": self.filtered,
+            "invalid": self.invalid,
+            "failed": self.undelivered,
+            "interrupted": self.interrupted,
+            "bytes_sent": self.bytes_sent,
+            "seconds": round(self.elapsed, 3),
+            "top_failure_reasons": [
+                {"count": count, "reason": reason} for reason, count in self.reasons.most_common(5)
+            ],
+            "failures": self.failures,
+            "exit_code": int(self.exit_code()),
+        }
+
+
+class Progress(Protocol):
+    def update(self, summary: Summary, done_bytes: int, total_bytes: int) -> None: ...
+
+    def close(self, summary: Summary) -> None: ...
+
+
+class NoProgress:
+    def update(self, summary: Summary, done_bytes: int, total_bytes: int) -> None:
+        pass
+
+    def close(self, summary: Summary) -> None:
+        pass
+
+
+def summary_lines(summary: Summary) -> Iterable[str]:
+    """The human summary, printed at the end of a run."""
+    verb = "valid (would be delivered)" if summary.dry_run else "delivered"
+    rate = summary.messages / summary.elapsed if summary.elapsed else 0.0
+    yield (
+        f"{summary.messages} message{'' if summary.messages == 1 else 's'} in {summary.elapsed:.1f}s "
+        f"({rate:.0f}/s): "
+        f"{summary.delivered} {verb}, {summary.already} already delivered, "
+        f"{summary.filtered} filtered out, {summary.invalid} invalid, {summary.undelivered} failed"
+    )
+    for reason, count in summary.reasons.most_common(5):
+        yield f"  {count} x {reason}"
+    if summary.interrupted:
+        yield "interrupted: run the same command again to resume"
+    elif summary.undelivered:
+        yield "some deliveries failed: fix the cause above and run the same command again to resume"
 
 
 def _megabytes(count: float) -> str:
@@ -78,7 +166,7 @@ class RichProgress:
 
     def log(self, line: str) -> None:
         """A log line above the live bar (a plain write to stderr would tear it)."""
-        self._bar.console.print(f"mailbox-relay: {line}", markup=False, highlight=False)
+        self._bar.console.print(prefixed(line), markup=False, highlight=False)
 
     def update(self, summary: Summary, done_bytes: int, total_bytes: int) -> None:
         now = time.monotonic()
@@ -108,8 +196,6 @@ class RichProgress:
 
 
 def choose(stream: Any, *, quiet: bool, fancy: bool = True) -> Progress:
-    from mailbox_relay.importer import NoProgress
-
     if quiet:
         return NoProgress()
     if fancy and stream.isatty():

@@ -11,12 +11,12 @@ from __future__ import annotations
 import base64
 import hmac
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, List, Optional
+from typing import List, Optional
 
+from mailbox_relay.endpoint import RELAY_PATH
+from mailbox_relay.log import Log
 from mailbox_relay.maildir import MaildirWriter
-from mailbox_relay.outcome import RELAY_PATH
 
-Log = Callable[[str], None]
 UNAUTHORIZED_HEADER = 'Basic realm="Action Mailbox"'
 
 

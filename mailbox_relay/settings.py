@@ -1,4 +1,9 @@
-"""One settings object, with a visible precedence: option > environment > config file > default.
+"""Every setting declared once, and one precedence: option > environment > config file > default.
+
+A `Field` is the whole truth about a setting: its option flag, metavar and help (cli/options.py
+builds the click options from it), its environment names, its config-file key, its parser and
+default. The settings classes below declare their fields as attributes, so `settings.timeout` is
+typed and there is no second list of names anywhere.
 
 Every value remembers where it came from, so `-v` can say so. The password is never read from
 argv; it comes from the environment, a file, or the config file, and is never shown.
@@ -6,20 +11,51 @@ argv; it comes from the environment, a file, or the config file, and is never sh
 
 from __future__ import annotations
 
+import math
 import os
 import stat
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
+import warnings
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    overload,
+)
 
 from mailbox_relay import __version__
-from mailbox_relay.outcome import RELAY_PATH, ConfigError
+from mailbox_relay.endpoint import Endpoint, TlsPolicy
+from mailbox_relay.outcome import ConfigError, UsageError
 
-Parser = Callable[[Any, str], Any]
+T = TypeVar("T")
+R = TypeVar("R", bound="Resolved")
+Parser = Callable[[Any, str], T]
+
+# Option groups: which commands show a field's option (see cli/options.py).
+CONNECTION = "connection"  # every command that talks to an ingress
+DELIVERY = "delivery"  # the commands that deliver messages: deliver, import
+DELIVER = "deliver"
+IMPORT = "import"
+
+PASSWORD_ENV = ("MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD")
+
+
+class PasswordFileWarning(UserWarning):
+    """The password file can be read by other users."""
+
+
+# --- parsers: (value from an option, env or TOML, where it came from) -> value, or ConfigError ---
 
 
 def parse_str(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} must be a non-empty string")
+        raise ConfigError(f"{where} must be a non-empty string, not {value!r}")
     return value
 
 
@@ -34,63 +70,80 @@ def parse_bool(value: Any, where: str) -> bool:
     raise ConfigError(f"{where} must be true or false, not {value!r}")
 
 
-def _number(value: Any, where: str, kind: Callable[[Any], Any]) -> Any:
-    if isinstance(value, bool):
+def _number(value: Any, where: str, kind: Callable[[Any], Any], maximum: float) -> Any:
+    # bool is an int to Python, and int() reads non-ASCII digits ("٣" is 3): neither is a number here.
+    if isinstance(value, bool) or (isinstance(value, str) and not value.isascii()):
         raise ConfigError(f"{where} must be a number, not {value!r}")
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{where} must be a number, not {value!r}") from None
+    if not math.isfinite(number) or number > maximum:
+        raise ConfigError(f"{where} must be a number up to {maximum:g}, not {value!r}")
     if number < 0:
         raise ConfigError(f"{where} must not be negative, not {value!r}")
     return number
 
 
+MAX_SECONDS = 7 * 86400.0  # a week: longer is a typo, and sockets refuse absurd timeouts
+
+
 def parse_seconds(value: Any, where: str) -> float:
-    return float(_number(value, where, float))
+    return float(_number(value, where, float, MAX_SECONDS))
 
 
-def parse_positive_number(value: Any, where: str) -> float:
+def parse_positive_seconds(value: Any, where: str) -> float:
     seconds = parse_seconds(value, where)
     if seconds == 0:
         raise ConfigError(f"{where} must be more than 0")
     return seconds
 
 
+def parse_rate(value: Any, where: str) -> float:
+    rate = float(_number(value, where, float, 1e6))
+    if rate == 0:
+        raise ConfigError(f"{where} must be more than 0")
+    return rate
+
+
 def parse_count(value: Any, where: str) -> int:
-    count = int(_number(value, where, int))
+    count = int(_number(value, where, int, 1024))
     if count < 1:
         raise ConfigError(f"{where} must be at least 1, not {value!r}")
     return count
 
 
 _SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+MAX_SIZE = 1024**4  # 1 TiB: no message is larger
 
 
 def parse_size(value: Any, where: str) -> int:
     """Bytes, with an optional K/M/G suffix (powers of 1024): `25M`."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return int(_number(value, where, int))
+        return int(_number(value, where, int, MAX_SIZE))
     text = str(value).strip().upper().removesuffix("B") if isinstance(value, str) else ""
     suffix = text[-1:] if text[-1:] in _SIZE_SUFFIXES else ""
     digits = text[: len(text) - len(suffix)]
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()) or int(digits) * _SIZE_SUFFIXES[suffix] > MAX_SIZE:
         raise ConfigError(f"{where} must be a size in bytes such as 26214400 or 25M, not {value!r}")
     return int(digits) * _SIZE_SUFFIXES[suffix]
 
 
-def parse_choice(*choices: str) -> Parser:
+def parse_choice(*choices: str) -> Parser[str]:
     def parse(value: Any, where: str) -> str:
         if value not in choices:
             raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
         return str(value)
 
+    parse.choices = choices  # type: ignore[attr-defined]  # shown in the option's metavar
     return parse
 
 
 def parse_recipients(value: Any, where: str) -> Tuple[str, ...]:
     """Addresses from a repeated option, a TOML list, or one space/comma separated string (%T)."""
-    items = [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where} must be an address or a list of addresses, not {value!r}")
     addresses: List[str] = []
     for item in items:
         if not isinstance(item, str):
@@ -111,42 +164,309 @@ def _check_address(address: str, where: str) -> str:
     return address
 
 
-class Field:
-    """One setting: its environment names (first set wins), parser and default."""
+def parse_user_agent(value: Any, where: str) -> str:
+    text = parse_str(value, where)
+    if not text.isprintable():  # a newline would split the HTTP header
+        raise ConfigError(f"{where} must be one line of printable characters, not {value!r}")
+    return text
 
-    __slots__ = ("default", "env", "parse")
 
-    def __init__(self, env: Tuple[str, ...], parse: Parser, default: Any = None) -> None:
-        self.env = env
+# --- fields ---------------------------------------------------------------------------------
+
+
+class Field(Generic[T]):
+    """One setting, declared once: flag, metavar, help, env names, config key, parser, default.
+
+    As a class attribute of a settings class it is also that setting's typed attribute.
+    """
+
+    __slots__ = (
+        "aliases",
+        "default",
+        "group",
+        "help",
+        "in_file",
+        "metavar",
+        "name",
+        "parse",
+        "shown_default",
+    )
+
+    def __init__(
+        self,
+        parse: Parser[T],
+        default: Optional[T],
+        help: str,
+        *,
+        group: str,
+        metavar: str = "",
+        shown_default: str = "",
+        aliases: Tuple[str, ...] = (),
+        in_file: bool = True,
+        name: str = "",
+    ) -> None:
         self.parse = parse
         self.default = default
+        self.help = help
+        self.group = group
+        self.metavar = metavar
+        self.shown_default = shown_default
+        self.aliases = aliases  # other env names, read after ours (Rails' rake relayer's)
+        self.in_file = in_file  # may the config file set it?
+        self.name = name
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Field[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: Optional[object], owner: type) -> Any:
+        if instance is None:
+            return self
+        return instance._values[self.name]  # type: ignore[attr-defined]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> Tuple[str, ...]:
+        return ("MAILBOX_RELAY_" + self.name.upper(), *self.aliases)
+
+    @property
+    def is_switch(self) -> bool:
+        return self.parse is parse_bool
+
+    @property
+    def multiple(self) -> bool:
+        return self.parse is parse_recipients
 
 
-def _env(name: str, *aliases: str) -> Tuple[str, ...]:
-    return ("MAILBOX_RELAY_" + name.upper(), *aliases)
+class Resolved:
+    """Settings resolved from the layers; each value remembers its source."""
+
+    __slots__ = ("_values", "sources")
+
+    def __init__(self, values: Mapping[str, Any], sources: Optional[Mapping[str, str]] = None) -> None:
+        fields = {field.name: field for field in self.fields()}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no setting {sorted(unknown)[0]!r}")
+        self._values = {name: values.get(name, field.default) for name, field in fields.items()}
+        self.sources: Dict[str, str] = dict(sources or {})
+
+    @classmethod
+    def fields(cls) -> List[Field[Any]]:
+        return [
+            value
+            for klass in reversed(cls.__mro__)
+            for value in vars(klass).values()
+            if isinstance(value, Field)
+        ]
+
+    @classmethod
+    def values_from(cls, layers: Layers) -> Tuple[Dict[str, Any], Dict[str, str]]:
+        """Each field's value and its source, from the layers."""
+        values: Dict[str, Any] = {}
+        sources: Dict[str, str] = {}
+        for field in cls.fields():
+            values[field.name], sources[field.name] = layers.get(field)
+        return values, sources
+
+    @classmethod
+    def resolve(cls: Type[R], layers: Layers) -> R:
+        return cls(*cls.values_from(layers))
+
+    def describe(self) -> List[str]:
+        """Each setting and its source, for -v."""
+        return [
+            f"{name} = {value!r} ({self.sources.get(name, 'default')})"
+            for name, value in self._values.items()
+        ]
 
 
-FIELDS: Dict[str, Field] = {
-    "url": Field(_env("url", "URL"), parse_str),
-    "password_file": Field(_env("password_file"), parse_str),
-    "exit_codes": Field(_env("exit_codes"), parse_choice("sysexits", "qmail"), "sysexits"),
-    "envelope_recipient": Field(_env("envelope_recipient"), parse_recipients, ()),
-    "timeout": Field(_env("timeout"), parse_positive_number, 30.0),
-    "retry_for": Field(_env("retry_for"), parse_seconds, 60.0),
-    "max_size": Field(_env("max_size"), parse_size),
-    "ca_bundle": Field(_env("ca_bundle"), parse_str),
-    "insecure": Field(_env("insecure"), parse_bool, False),
-    "user_agent": Field(_env("user_agent"), parse_str, f"mailbox-relay/{__version__}"),
-    "allow_http": Field(_env("allow_http"), parse_bool, False),
-    # import
-    "jobs": Field(_env("jobs"), parse_count, 4),
-    "rate": Field(_env("rate"), parse_positive_number),
-    "state": Field(_env("state"), parse_str),
-    "mbox_format": Field(_env("mbox_format"), parse_choice("mboxo", "mboxrd"), "mboxo"),
+class MessageSettings(Resolved):
+    """What shapes the bytes sent: needed even by `import --dry-run`, which sends nothing."""
+
+    __slots__ = ()
+
+    max_size: Field[Optional[int]] = Field(
+        parse_size,
+        None,
+        "Refuse larger messages as permanently undeliverable; K/M/G suffixes allowed.",
+        group=DELIVERY,
+        metavar="BYTES",
+        shown_default="no limit",
+    )
+    envelope_recipient: Field[Tuple[str, ...]] = Field(
+        parse_recipients,
+        (),
+        "Prepend X-Original-To: ADDR (unless present) so Action Mailbox routes Bcc, forwarded and "
+        "catch-all mail. Repeatable, or one space/comma separated list as fetchmail's %T gives.",
+        group=DELIVERY,
+        metavar="ADDR",
+    )
+
+
+class Settings(MessageSettings):
+    """What `deliver`, `import` and `check` need to reach the ingress. Its repr hides the password."""
+
+    __slots__ = ("endpoint", "password", "tls")
+
+    url: Field[str] = Field(
+        parse_str,
+        None,
+        "Relay ingress URL; a bare https://host gets /rails/action_mailbox/relay/inbound_emails.",
+        group=CONNECTION,
+        metavar="URL",
+        aliases=("URL",),
+    )
+    password_file: Field[Optional[str]] = Field(
+        parse_str,
+        None,
+        "Read the ingress password from the first line of PATH. Otherwise MAILBOX_RELAY_PASSWORD, "
+        "then INGRESS_PASSWORD, then the config file.",
+        group=CONNECTION,
+        metavar="PATH",
+    )
+    timeout: Field[float] = Field(
+        parse_positive_seconds,
+        30.0,
+        "Per-attempt connect and read timeout.",
+        group=CONNECTION,
+        metavar="SECONDS",
+        shown_default="30",
+    )
+    retry_for: Field[float] = Field(
+        parse_seconds,
+        60.0,
+        "Keep retrying network errors, timeouts, 408, 429 and 5xx for this long (0: one attempt). "
+        "The last attempt may take up to --timeout more.",
+        group=DELIVERY,
+        metavar="SECONDS",
+        shown_default="60",
+    )
+    ca_bundle: Field[Optional[str]] = Field(
+        parse_str,
+        None,
+        "Verify TLS with this CA bundle (otherwise REQUESTS_CA_BUNDLE, then certifi's).",
+        group=CONNECTION,
+        metavar="PATH",
+    )
+    insecure: Field[bool] = Field(
+        parse_bool, False, "Do not verify the TLS certificate (not recommended).", group=CONNECTION
+    )
+    allow_http: Field[bool] = Field(
+        parse_bool,
+        False,
+        "Allow sending the password over plain http:// to a host that is not loopback.",
+        group=CONNECTION,
+    )
+    user_agent: Field[str] = Field(
+        parse_user_agent,
+        f"mailbox-relay/{__version__}",
+        "User-Agent header.",
+        group=CONNECTION,
+        metavar="TEXT",
+        shown_default="mailbox-relay/VERSION",
+    )
+
+    def __init__(
+        self,
+        values: Mapping[str, Any],
+        sources: Optional[Mapping[str, str]] = None,
+        *,
+        password: str = "",
+        environ: Mapping[str, str] = {},
+    ) -> None:
+        super().__init__(values, sources)
+        if self.url is None:
+            raise ConfigError(
+                "no ingress URL: set MAILBOX_RELAY_URL (or URL), pass --url, or put url in "
+                f"{user_config_path(environ)}"
+            )
+        self.endpoint = Endpoint(self.url)
+        self._values["url"] = self.endpoint.url
+        self.endpoint.refuse_plain_http(self.allow_http)
+        self.tls = TlsPolicy(insecure=self.insecure, ca_bundle=self.ca_bundle, environ=environ)
+        self.password = password
+
+    def __repr__(self) -> str:
+        return f"Settings(url={self.url!r}, password=<hidden>, timeout={self.timeout!r})"
+
+    @property
+    def password_source(self) -> str:
+        return self.sources.get("password", "the password")
+
+    def describe(self) -> List[str]:
+        """Each setting and its source, for -v. The password is only said to be set."""
+        return [
+            *super().describe(),
+            f"tls = {'not verified' if self.tls.insecure else 'verified'} ({self.tls.source})",
+            f"password = <set> ({self.password_source})",
+        ]
+
+
+class ImportSettings(Resolved):
+    """How `import` runs."""
+
+    __slots__ = ()
+
+    jobs: Field[int] = Field(
+        parse_count, 4, "Concurrent deliveries.", group=IMPORT, metavar="N", shown_default="4"
+    )
+    rate: Field[Optional[float]] = Field(
+        parse_rate, None, "At most N messages a second.", group=IMPORT, metavar="N", shown_default="unlimited"
+    )
+    state: Field[Optional[str]] = Field(
+        parse_str,
+        None,
+        "The resume journal (SQLite).",
+        group=IMPORT,
+        metavar="PATH",
+        shown_default="$XDG_STATE_HOME/mailbox-relay/import.sqlite3",
+    )
+    mbox_format: Field[str] = Field(
+        parse_choice("mboxo", "mboxrd"),
+        "mboxo",
+        "mboxo sends bytes as stored; mboxrd strips one > from >From lines.",
+        group=IMPORT,
+        shown_default="mboxo",
+    )
+
+
+CONFIG: Field[Optional[str]] = Field(
+    parse_str,
+    None,
+    "TOML file with the same keys (url, password_file, timeout, ...).",
+    group=CONNECTION,
+    metavar="PATH",
+    shown_default="$XDG_CONFIG_HOME/mailbox-relay/config.toml, then /etc/mailbox-relay/config.toml",
+    in_file=False,
+    name="config",
+)
+EXIT_CODES: Field[str] = Field(
+    parse_choice("sysexits", "qmail"),
+    "sysexits",
+    "Exit-code convention.",
+    group=DELIVER,
+    shown_default="sysexits",
+    name="exit_codes",
+)
+
+FIELDS: Dict[str, Field[Any]] = {
+    field.name: field for field in (*Settings.fields(), *ImportSettings.fields(), CONFIG, EXIT_CODES)
 }
 
 # Keys a config file may hold beyond FIELDS (the password itself may live there, mode 0600).
 EXTRA_CONFIG_KEYS = {"password"}
+
+
+# --- where settings come from ---------------------------------------------------------------
 
 
 def user_config_path(environ: Mapping[str, str]) -> str:
@@ -159,7 +479,7 @@ SYSTEM_CONFIG_PATH = "/etc/mailbox-relay/config.toml"
 
 def find_config(option: Optional[str], environ: Mapping[str, str]) -> Optional[str]:
     """The config file to read: --config, MAILBOX_RELAY_CONFIG, the user's, then the system's."""
-    explicit = option or environ.get("MAILBOX_RELAY_CONFIG")
+    explicit = option or environ.get(CONFIG.env[0])
     if explicit:
         if not os.path.isfile(explicit):
             raise ConfigError(f"config file {explicit} does not exist")
@@ -183,13 +503,12 @@ def read_config(path: Optional[str]) -> Dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"cannot read config file {path}: {error}") from None
-    unknown = sorted(set(data) - set(FIELDS) - EXTRA_CONFIG_KEYS)
+    known = {name for name, field in FIELDS.items() if field.in_file} | EXTRA_CONFIG_KEYS
+    unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown key {unknown[0]!r} in {path}; known keys: {', '.join(sorted(FIELDS))}, password"
-        )
+        raise ConfigError(f"unknown key {unknown[0]!r} in {path}; known keys: {', '.join(sorted(known))}")
     return data
 
 
@@ -208,204 +527,81 @@ class Layers:
         self.config: Mapping[str, Any] = config or {}
         self.config_path = config_path
 
-    def get(self, name: str) -> Tuple[Any, str]:
+    def get(self, field: Field[T]) -> Tuple[T, str]:
         """A setting's value and where it came from ("option --url", "env URL", ...)."""
-        spec = FIELDS[name]
-        option = self.options.get(name)
+        option = self.options.get(field.name)
         if option is not None and option != ():
-            flag = "--" + name.replace("_", "-")
-            return spec.parse(option, flag), f"option {flag}"
-        for env in spec.env:
+            try:
+                return field.parse(option, field.flag), f"option {field.flag}"
+            except ConfigError as error:  # typed by the user just now: a usage error
+                raise UsageError(error.outcome.detail) from None
+        for env in field.env:
             if self.environ.get(env):
-                return spec.parse(self.environ[env], env), f"env {env}"
-        if name in self.config:
-            return spec.parse(self.config[name], f"{name} in {self.config_path}"), self._from_config
-        return spec.default, "default"
+                return field.parse(self.environ[env], env), f"env {env}"
+        if field.in_file and field.name in self.config:
+            where = f"{field.name} in {self.config_path}"
+            return field.parse(self.config[field.name], where), self._from_config
+        return field.default, "default"  # type: ignore[return-value]  # None only where T allows it
 
     @property
     def _from_config(self) -> str:
         return f"config {self.config_path}"
 
-    def password(self) -> Tuple[Optional[str], str, List[str]]:
-        """(password, its source, warnings). Never from argv, only files, env and config."""
-        path, source = self.get("password_file")
+    def password(self) -> Tuple[Optional[str], str]:
+        """(password, its source). Never from argv, only files, env and config."""
+        path, source = self.get(Settings.password_file)
+        ours, rails = PASSWORD_ENV
         if source.startswith("option"):
             return _read_password_file(path, source)
-        if self.environ.get("MAILBOX_RELAY_PASSWORD"):
-            return self.environ["MAILBOX_RELAY_PASSWORD"], "env MAILBOX_RELAY_PASSWORD", []
+        if self.environ.get(ours):
+            return self.environ[ours], f"env {ours}"
         if source.startswith("env"):
             return _read_password_file(path, source)
-        if self.environ.get("INGRESS_PASSWORD"):
-            return self.environ["INGRESS_PASSWORD"], "env INGRESS_PASSWORD", []
+        if self.environ.get(rails):
+            return self.environ[rails], f"env {rails}"
         if "password" in self.config:
-            return parse_str(self.config["password"], "password"), self._from_config, []
+            return parse_str(self.config["password"], "password"), self._from_config
         if path is not None:
             return _read_password_file(path, source)
-        return None, "unset", []
+        return None, "unset"
 
 
-def _read_password_file(path: str, source: str) -> Tuple[str, str, List[str]]:
+def _read_password_file(path: Optional[str], source: str) -> Tuple[str, str]:
     try:
-        with open(path, "rb") as handle:
+        with open(str(path), "rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
             first_line = handle.readline().decode("utf-8").rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read the password file {path} ({source}): {error}") from None
     if not first_line:
         raise ConfigError(f"the password file {path} ({source}) has an empty first line")
-    warnings = []
     if mode & (stat.S_IRGRP | stat.S_IROTH):
-        warnings.append(f"warning: password file {path} is readable by group or others; chmod 600 {path}")
-    return first_line, f"file {path} ({source})", warnings
-
-
-def normalize_url(url: str) -> str:
-    """Check the URL and give a bare host the relay path: https://app.example.com → …/relay/…"""
-    parts = urlsplit(url)
-    if parts.username is not None or parts.password is not None:
-        # Not echoed: the point is that this secret should not be on a command line or in logs.
-        raise ConfigError(
-            "the ingress URL must not contain credentials (user:password@): set the password with "
-            "MAILBOX_RELAY_PASSWORD or --password-file"
+        warnings.warn(
+            f"password file {path} is readable by group or others; chmod 600 {path}",
+            PasswordFileWarning,
+            stacklevel=2,
         )
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"the ingress URL {url!r} must start with https:// or http:// and name a host")
-    if parts.path in ("", "/"):
-        parts = parts._replace(path=RELAY_PATH)
-    return urlunsplit(parts)
-
-
-def is_loopback(host: str) -> bool:
-    host = host.lower().strip("[]")
-    if host in ("localhost", "::1") or host.endswith(".localhost"):
-        return True
-    octets = host.split(".")
-    return len(octets) == 4 and octets[0] == "127" and all(o.isdigit() for o in octets)
-
-
-class Settings:
-    """What `deliver`, `import` and `check` need to reach the ingress.
-
-    A plain class (every delivery pays for building a dataclass at import time); its repr
-    leaves the password out.
-    """
-
-    def __init__(
-        self,
-        *,
-        url: str,
-        password: str,
-        exit_codes: str = "sysexits",
-        envelope_recipients: Tuple[str, ...] = (),
-        timeout: float = 30.0,
-        retry_for: float = 60.0,
-        max_size: Optional[int] = None,
-        ca_bundle: Optional[str] = None,
-        insecure: bool = False,
-        user_agent: str = f"mailbox-relay/{__version__}",
-        allow_http: bool = False,
-        sources: Optional[Mapping[str, str]] = None,
-        warnings: Tuple[str, ...] = (),
-    ) -> None:
-        self.url = url
-        self.password = password
-        self.exit_codes = exit_codes
-        self.envelope_recipients = envelope_recipients
-        self.timeout = timeout
-        self.retry_for = retry_for
-        self.max_size = max_size
-        self.ca_bundle = ca_bundle
-        self.insecure = insecure
-        self.user_agent = user_agent
-        self.allow_http = allow_http
-        self.sources: Mapping[str, str] = sources or {}
-        self.warnings = warnings
-
-    def __repr__(self) -> str:
-        return f"Settings(url={self.url!r}, password=<hidden>, timeout={self.timeout!r})"
-
-    @property
-    def password_source(self) -> str:
-        return self.sources.get("password", "the password")
-
-    @property
-    def verify(self) -> Any:
-        """What requests' `verify` takes: a CA bundle path, True, or False with --insecure."""
-        if self.insecure:
-            return False
-        return self.ca_bundle or True
-
-    def describe(self) -> List[str]:
-        """Each setting and its source, for -v. The password is only said to be set."""
-        lines = []
-        for name in (
-            "url",
-            "exit_codes",
-            "envelope_recipients",
-            "timeout",
-            "retry_for",
-            "max_size",
-            "ca_bundle",
-            "insecure",
-            "user_agent",
-            "allow_http",
-        ):
-            value = getattr(self, name)
-            lines.append(f"{name} = {value!r} ({self.sources.get(name, 'default')})")
-        lines.append(f"password = <set> ({self.password_source})")
-        return lines
-
-
-_SETTINGS_KEYS = {"envelope_recipients": "envelope_recipient"}
+    return first_line, f"file {path} ({source})"
 
 
 def open_layers(options: Mapping[str, Any], environ: Mapping[str, str]) -> Layers:
     """Find and read the config file; the layers then answer any setting by name."""
-    config_path = find_config(options.get("config"), environ)
+    config_path = find_config(options.get(CONFIG.name), environ)
     return Layers(options, environ, read_config(config_path), config_path)
 
 
-def settings_from(layers: Layers, *, need_password: bool = True) -> Settings:
+def settings_from(layers: Layers) -> Settings:
     """Resolve every connection setting; raise ConfigError (a temporary failure) if one is bad."""
-    values: Dict[str, Any] = {}
-    sources: Dict[str, str] = {}
-    for attr in (
-        "url",
-        "exit_codes",
-        "envelope_recipients",
-        "timeout",
-        "retry_for",
-        "max_size",
-        "ca_bundle",
-        "insecure",
-        "user_agent",
-        "allow_http",
-    ):
-        values[attr], sources[attr] = layers.get(_SETTINGS_KEYS.get(attr, attr))
-    if values["url"] is None:
-        raise ConfigError(
-            "no ingress URL: set MAILBOX_RELAY_URL (or URL), pass --url, or put url in "
-            f"{user_config_path(layers.environ)}"
-        )
-    values["url"] = normalize_url(values["url"])
-    _refuse_plain_http(values["url"], values["allow_http"])
-    password, sources["password"], warnings = layers.password()
-    if password is None and need_password:
+    values, sources = Settings.values_from(layers)
+    password, sources["password"] = layers.password()
+    settings = Settings(values, sources, password=password or "", environ=layers.environ)
+    if password is None:  # after the URL's checks, so a missing URL is named first
         raise ConfigError(
             "no ingress password: set MAILBOX_RELAY_PASSWORD (or INGRESS_PASSWORD), pass "
             "--password-file, or put password_file in the config file"
         )
-    return Settings(password=password or "", sources=sources, warnings=tuple(warnings), **values)
+    return settings
 
 
 def load_settings(options: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     return settings_from(open_layers(options, environ))
-
-
-def _refuse_plain_http(url: str, allow_http: bool) -> None:
-    parts = urlsplit(url)
-    if parts.scheme == "http" and not allow_http and not is_loopback(parts.hostname or ""):
-        raise ConfigError(
-            f"refusing to send the password over plain http to {parts.hostname}: use https://, "
-            "or pass --allow-http if the network between here and the app is trusted"
-        )

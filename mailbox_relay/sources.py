@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, List, Optional, Protocol, Tuple
 
+from mailbox_relay.message import starts_with_field
+
 CHUNK = 8 * 1024 * 1024
 # A From_ separator line: "From <sender> <date with a time>", e.g. Gmail Takeout's
 # "From 1669160939957813740@xxx Thu Jun 11 00:38:38 +0000 2020". Requiring the time keeps an
@@ -216,6 +218,6 @@ def detect(path: str, *, mboxrd: bool = False) -> Source:
         raise NotASource(f"{path}: cannot read it ({error})") from None
     if head.startswith(b"From "):
         return Mbox(path, mboxrd=mboxrd)
-    if re.match(rb"[!-9;-~]+[ \t]*:", head):
+    if starts_with_field(head):
         return EmlTree(path, kind=".eml message")
     raise NotASource(f"{path}: not an mbox file (no leading From_ line), a Maildir or an .eml message")

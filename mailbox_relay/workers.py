@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Tuple
 
+from mailbox_relay.log import Log, nowhere, to_stderr
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Outcome, Reason
 from mailbox_relay.settings import Settings
@@ -33,7 +33,7 @@ class AdaptiveConcurrency:
 
     STRUGGLING = (Reason.SERVER_ERROR, Reason.BUSY, Reason.TIMEOUT)
 
-    def __init__(self, maximum: int, log: Callable[[str], None] = lambda line: None) -> None:
+    def __init__(self, maximum: int, log: Log = nowhere) -> None:
         self.maximum = maximum
         self.log = log
         self._limit = _CONTEXT.Value("d", float(maximum), lock=False)
@@ -82,19 +82,10 @@ class _Worker:
     session: Any = None
 
 
-def _stderr(line: str) -> None:
-    sys.stderr.write(f"mailbox-relay: {line}\n")
-    sys.stderr.flush()
-
-
-def _quiet(line: str) -> None:
-    pass
-
-
 def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool) -> None:
     # Ctrl-C reaches the whole process group; the parent decides whether in-flight posts finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    pacer.log = _stderr if verbose else _quiet
+    pacer.log = to_stderr if verbose else nowhere
     _Worker.settings = settings
     _Worker.pacer = pacer
 
@@ -102,7 +93,7 @@ def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool) -> None
 def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
     """In a worker: post each message's exact bytes in turn. The outcomes, and the seconds it
     took (the parent sizes later batches by it), go back to the parent."""
-    from mailbox_relay.ingress import make_session, post_with_retry
+    from mailbox_relay.ingress.client import make_session, post_with_retry
 
     started = time.monotonic()
     if _Worker.session is None:  # one keep-alive session per worker process
@@ -114,10 +105,8 @@ def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
     return outcomes, time.monotonic() - started
 
 
-def start_workers(settings: Optional[Settings], jobs: int, quiet: bool) -> ProcessPoolExecutor:
+def start_workers(settings: Settings, jobs: int, quiet: bool) -> ProcessPoolExecutor:
     """`jobs` worker processes sharing one AdaptiveConcurrency; they log to stderr unless quiet."""
-    if settings is None:
-        raise ValueError("delivering needs settings")
     return ProcessPoolExecutor(
         max_workers=jobs,
         mp_context=_CONTEXT,

@@ -8,7 +8,8 @@ from typing import Any, Dict, Generator, Iterator
 
 import pytest
 
-from mailbox_relay.settings import FIELDS
+from mailbox_relay.endpoint import CA_BUNDLE_ENV
+from mailbox_relay.settings import FIELDS, PASSWORD_ENV
 
 SAMPLE = (
     b"From: Alice <alice@example.com>\r\n"
@@ -40,7 +41,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Dict[
     for spec in FIELDS.values():
         for name in spec.env:
             monkeypatch.delenv(name, raising=False)
-    for name in ("MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD", "MAILBOX_RELAY_CONFIG", "CI"):
+    for name in (*PASSWORD_ENV, *CA_BUNDLE_ENV, "CI"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setattr("mailbox_relay.settings.SYSTEM_CONFIG_PATH", str(tmp_path / "no-etc.toml"))

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import List
 
+from .helpers import RELAY_PATH
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -57,7 +59,7 @@ class RawServer:
         self._sock.listen(16)
         self._sock.settimeout(0.2)
         self.port = int(self._sock.getsockname()[1])
-        self.url = f"http://127.0.0.1:{self.port}/rails/action_mailbox/relay/inbound_emails"
+        self.url = f"http://127.0.0.1:{self.port}{RELAY_PATH}"
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -144,7 +146,7 @@ class Ingress204(threading.Thread):
         if ssl_context is not None:
             self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)  # type: ignore[attr-defined]
         self.port = int(self.server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}/rails/action_mailbox/relay/inbound_emails"
+        self.url = f"http://127.0.0.1:{self.port}{RELAY_PATH}"
 
     def run(self) -> None:
         self.server.serve_forever(poll_interval=0.05)
@@ -170,7 +172,7 @@ class LocalServe:
         self.server = make_server("127.0.0.1", 0, password, self.maildir, self.lines.append)
         self.port = int(self.server.server_address[1])
         self.base = f"http://127.0.0.1:{self.port}"
-        self.url = self.base + "/rails/action_mailbox/relay/inbound_emails"
+        self.url = self.base + RELAY_PATH
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
 
     def __enter__(self) -> LocalServe:

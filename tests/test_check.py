@@ -11,10 +11,9 @@ import pytest
 import trustme
 from pytest_httpserver import HTTPServer
 
+from .helpers import RELAY_PATH as PATH
+from .helpers import invoke
 from .peers import Ingress204, LocalServe, free_port
-from .test_cli import invoke
-
-PATH = "/rails/action_mailbox/relay/inbound_emails"
 
 
 def check(args: List[str], env: Dict[str, str]) -> tuple[int, Dict[str, object]]:
@@ -165,3 +164,26 @@ def test_verbose_lists_every_setting_and_its_source_on_stderr(
     assert "mailbox-relay: password = <set> (env MAILBOX_RELAY_PASSWORD)" in err
     assert "timeout" not in out
     assert quiet[0] == 0 and quiet[2] == ""  # without -v, nothing on stderr
+
+
+def test_check_trusts_requests_ca_bundle_as_deliver_does(
+    tls_server: tuple[Ingress204, str], clean_env: Dict[str, str]
+) -> None:
+    """One TLS policy: a private CA in REQUESTS_CA_BUNDLE passes check's handshake and deliver's post."""
+    server, bundle = tls_server
+    env = {"MAILBOX_RELAY_PASSWORD": "pw", "REQUESTS_CA_BUNDLE": bundle, "MAILBOX_RELAY_RETRY_FOR": "0"}
+    url = f"https://localhost:{server.port}"
+    code, report = check(["--url", url], env)
+    tls = steps(report)["tls"]
+    assert tls["ok"] and "verified" in tls["detail"], tls  # type: ignore[index]
+    assert code == 78  # past TLS: the probe reached this 204 server, which is not Action Mailbox
+    message = b"From: a@example.com\n\nbody\n"
+    assert invoke(["deliver", "--url", url], stdin=message, env=env)[0] == 0
+    assert server.bodies[-1] == message
+
+
+def test_a_missing_ca_bundle_is_a_settings_failure(clean_env: Dict[str, str], tmp_path: Path) -> None:
+    env = {"MAILBOX_RELAY_PASSWORD": "pw"}
+    code, report = check(["--url", "https://x.example.com", "--ca-bundle", str(tmp_path / "nope.pem")], env)
+    assert code == 78
+    assert "nope.pem" in steps(report)["settings"]["detail"]  # type: ignore[index]

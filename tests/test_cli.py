@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
-from click.testing import CliRunner
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from mailbox_relay.cli import run
+from . import helpers
+from .helpers import RELAY_PATH as PATH
 
-PATH = "/rails/action_mailbox/relay/inbound_emails"
 MESSAGE = b"From: a@example.com\nTo: b@example.com\nSubject: hi\n\nbody\n"
 
 
 def invoke(
     args: List[str], stdin: bytes = MESSAGE, env: Optional[Dict[str, str]] = None
 ) -> Tuple[int, str, str]:
-    """Run the real boundary (`run`) with isolated streams; (exit code, stdout, stderr)."""
-    with CliRunner().isolation(input=stdin, env=env) as (out, err, _):
-        code = run(args)
-    return code, out.getvalue().decode(), err.getvalue().decode()
+    """deliver's tests send MESSAGE unless they say otherwise."""
+    return helpers.invoke(args, stdin, env)
 
 
 @pytest.fixture
@@ -231,3 +229,45 @@ def test_help_lists_every_option_and_env_name(clean_env: Dict[str, str]) -> None
     for env in ("MAILBOX_RELAY_URL", "MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD", "MAILBOX_RELAY_RETRY_FOR"):
         assert env in out
     assert "--password " not in out  # hidden: only there to refuse
+
+
+def test_a_usage_error_exits_in_the_convention_asked_for_in_any_spelling(clean_env: Dict[str, str]) -> None:
+    assert invoke(["deliver", "--exit-codes=qmail", "--no-such-option"])[0] == 111
+    assert invoke(["deliver", "--exit-codes", "qmail", "--no-such-option"])[0] == 111
+    assert invoke(["deliver", "--no-such-option"], env={"MAILBOX_RELAY_EXIT_CODES": "qmail"})[0] == 111
+    # the last --exit-codes wins, as click reads it
+    assert invoke(["deliver", "--exit-codes=qmail", "--exit-codes", "sysexits", "--bogus"])[0] == 75
+
+
+def test_exit_codes_from_the_config_file_apply_to_usage_errors(
+    clean_env: Dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('exit_codes = "qmail"\n')
+    assert invoke(["deliver", "--config", str(config), "--bogus"])[0] == 111
+    assert invoke(["deliver", "--bogus"], env={"MAILBOX_RELAY_CONFIG": str(config)})[0] == 111
+
+
+def test_no_command_is_a_temporary_failure_for_an_mta(clean_env: Dict[str, str]) -> None:
+    """`mailbox-relay < message` (a pipe missing its `deliver`): defer, never bounce with 64."""
+    code, out, err = invoke([])
+    assert (code, out) == (75, "")
+    assert err.startswith("4.3.5 usage error: Missing command") and err.count("\n") == 1
+    assert invoke([], env={"MAILBOX_RELAY_EXIT_CODES": "qmail"})[0] == 111
+
+
+def test_top_level_help_lists_each_command_once(clean_env: Dict[str, str]) -> None:
+    code, out, _ = invoke(["--help"])
+    assert code == 0
+    for command in ("deliver", "import", "check", "serve"):
+        assert len(re.findall(rf"^  {command} ", out, re.M)) == 1, out
+
+
+def test_a_bad_option_value_is_checked_once_by_its_field(clean_env: Dict[str, str]) -> None:
+    """No click type: the field's parser says what is wrong, the same for option, env and TOML."""
+    code, _, err = invoke(["deliver", "--timeout", "nan"], env={"MAILBOX_RELAY_URL": "https://x.example.com"})
+    assert code == 75 and err.startswith("4.3.5 --timeout must be a number")
+    code, _, err = invoke(
+        ["deliver"], env={"MAILBOX_RELAY_URL": "https://x.example.com", "MAILBOX_RELAY_TIMEOUT": "nan"}
+    )
+    assert code == 75 and err.startswith("4.3.5 MAILBOX_RELAY_TIMEOUT must be a number")

@@ -17,8 +17,8 @@ import pytest
 from mailbox_relay.importer import BATCH_SECONDS
 
 from .corpus import message, stored, write_eml_tree, write_maildir, write_mbox
+from .helpers import invoke
 from .peers import Ingress204, LocalServe
-from .test_cli import invoke
 
 
 def run_import(args: List[str], env: Dict[str, str]) -> tuple[int, str, str]:

@@ -9,37 +9,27 @@ import requests
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from mailbox_relay.ingress import Backoff, Clock, make_session, parse_retry_after, post_with_retry
+from mailbox_relay.ingress.answers import parse_retry_after
+from mailbox_relay.ingress.client import Backoff, make_session, post_with_retry
 from mailbox_relay.message import prepare
 from mailbox_relay.outcome import Reason
 from mailbox_relay.settings import Settings
 
-PATH = "/rails/action_mailbox/relay/inbound_emails"
+from .helpers import RELAY_PATH as PATH
+from .helpers import FakeClock, make_settings
+
 MESSAGE = b"From x@y Mon Jan  1 00:00:00 2024\nFrom: a@example.com\nSubject: t\n\nbody\n"
-
-
-class FakeClock(Clock):
-    """Sleeping advances time instantly, so retry budgets are tested without waiting."""
-
-    def __init__(self) -> None:
-        self.time = 1000.0
-        self.slept: List[float] = []
-        super().__init__(now=lambda: self.time, sleep=self._sleep)
-
-    def _sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.time += seconds
 
 
 def settings_for(server: HTTPServer, **overrides: Any) -> Settings:
     values: Dict[str, Any] = {"url": server.url_for(PATH), "password": "s3cret", "timeout": 5.0}
     values.update(overrides)
-    return Settings(**values)
+    return make_settings(**values)
 
 
 def post(server: HTTPServer, clock: FakeClock, **overrides: Any) -> Any:
     settings = settings_for(server, **overrides)
-    prepared = prepare(MESSAGE, recipients=settings.envelope_recipients)
+    prepared = prepare(MESSAGE, recipients=settings.envelope_recipient)
     with make_session(settings) as session:
         return post_with_retry(session, settings, prepared, clock=clock, backoff=Backoff(random=lambda: 1.0))
 
@@ -52,7 +42,7 @@ def test_2xx_posts_the_exact_bytes_with_auth_type_and_agent(httpserver: HTTPServ
         return Response(status=204)
 
     httpserver.expect_request(PATH, method="POST").respond_with_handler(handler)
-    outcome = post(httpserver, FakeClock(), envelope_recipients=("to@example.com",))
+    outcome = post(httpserver, FakeClock(), envelope_recipient=("to@example.com",))
     assert outcome.delivered
     (request,) = seen
     assert request.get_data() == b"X-Original-To: to@example.com\nFrom: a@example.com\nSubject: t\n\nbody\n"
@@ -148,7 +138,7 @@ def test_404_on_postfix_path_against_a_server(httpserver: HTTPServer) -> None:
         httpserver, FakeClock(), url=httpserver.url_for("/rails/action_mailbox/postfix/inbound_emails")
     )
     assert outcome.reason is Reason.NOT_FOUND
-    assert "/rails/action_mailbox/relay/inbound_emails" in outcome.line()
+    assert PATH in outcome.line()
 
 
 def test_large_message_streams_without_a_copy(httpserver: HTTPServer) -> None:
@@ -160,8 +150,8 @@ def test_large_message_streams_without_a_copy(httpserver: HTTPServer) -> None:
         return Response(status=204)
 
     httpserver.expect_request(PATH).respond_with_handler(handler)
-    settings = settings_for(httpserver, envelope_recipients=("r@example.com",))
-    prepared = prepare(b"From x Mon\n" + big, recipients=settings.envelope_recipients)
+    settings = settings_for(httpserver, envelope_recipient=("r@example.com",))
+    prepared = prepare(b"From x Mon\n" + big, recipients=settings.envelope_recipient)
     with make_session(settings) as session:
         assert post_with_retry(session, settings, prepared, clock=FakeClock()).delivered
     assert received == [b"X-Original-To: r@example.com\n" + big]
@@ -176,10 +166,10 @@ def test_parse_retry_after() -> None:
 
 
 def test_session_factory_sets_what_every_post_needs() -> None:
-    settings = Settings(url="https://x.example.com" + PATH, password="p", ca_bundle="/ca.pem")
+    settings = make_settings(url="https://x.example.com" + PATH, password="p", ca_bundle=__file__)
     session = make_session(settings)
     assert session.auth == ("actionmailbox", "p")
-    assert session.verify == "/ca.pem"
+    assert session.verify == __file__
     assert session.headers["Content-Type"] == "message/rfc822"
-    assert Settings(url="u", password="p", insecure=True).verify is False
+    assert make_session(make_settings(url="https://x.example.com", insecure=True)).verify is False
     assert isinstance(session, requests.Session)

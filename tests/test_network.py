@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from mailbox_relay.ingress import Backoff, make_session, post_with_retry
+from mailbox_relay.ingress.client import Backoff, make_session, post_with_retry
 from mailbox_relay.message import prepare
 from mailbox_relay.outcome import Kind, Outcome, Reason
-from mailbox_relay.settings import Settings
 
+from .helpers import RELAY_PATH, FakeClock, make_settings
 from .peers import RawServer, free_port
-from .test_ingress_http import FakeClock
 
 MESSAGE = b"From: a@example.com\nSubject: t\n\nbody\n"
 
 
 def post(url: str, **overrides: float) -> Outcome:
-    settings = Settings(url=url, password="pw", **{"timeout": 2.0, "retry_for": 30.0, **overrides})
+    settings = make_settings(url=url, **{"timeout": 2.0, "retry_for": 30.0, **overrides})
     with make_session(settings) as session:
         return post_with_retry(session, settings, prepare(MESSAGE), clock=FakeClock(), backoff=Backoff())
 
@@ -55,7 +54,7 @@ def test_a_stall_that_never_ends_names_the_timeout() -> None:
 
 def test_connection_refused_names_host_and_port() -> None:
     port = free_port()
-    outcome = post(f"http://127.0.0.1:{port}/rails/action_mailbox/relay/inbound_emails", retry_for=0.0)
+    outcome = post(f"http://127.0.0.1:{port}{RELAY_PATH}", retry_for=0.0)
     assert outcome.reason is Reason.UNREACHABLE
     assert outcome.line() == (
         f"4.4.1 connection refused by 127.0.0.1:{port}: is the app running, and is the port in the URL right?"

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 
+from mailbox_relay.ingress.answers import classify_response
 from mailbox_relay.outcome import (
     DELIVERED,
     Kind,
     Outcome,
     Reason,
     check_exit_code,
-    classify_response,
     exit_code,
 )
 
-URL = "https://app.example.com/rails/action_mailbox/relay/inbound_emails"
+from .helpers import RELAY_PATH
+
+URL = "https://app.example.com" + RELAY_PATH
 
 
 @pytest.mark.parametrize(
@@ -49,7 +51,7 @@ def test_each_status_has_one_row(status: int, reason: Reason, retry: bool, words
 def test_404_on_a_postfix_path_names_the_relay_path() -> None:
     url = "https://app.example.com/rails/action_mailbox/postfix/inbound_emails"
     line = classify_response(404, url=url).line()
-    assert "use https://app.example.com/rails/action_mailbox/relay/inbound_emails" in line
+    assert f"use https://app.example.com{RELAY_PATH}" in line
     assert "config.action_mailbox.ingress = :relay" in line
 
 

@@ -15,12 +15,12 @@ from typing import Dict, Iterator, List
 import pytest
 import requests
 
+from .helpers import RELAY_PATH as PATH
 from .peers import LocalServe, free_port
 
 MESSAGE = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: s\r\n\r\nbody \xff\r\n"
 AUTH = ("actionmailbox", "pw")
 RFC822 = {"Content-Type": "message/rfc822"}
-PATH = "/rails/action_mailbox/relay/inbound_emails"
 
 
 @pytest.fixture
@@ -66,19 +66,19 @@ def test_dedup_survives_a_restart(tmp_path: Path) -> None:
     [
         ("/rails/action_mailbox/postfix/inbound_emails", AUTH, "message/rfc822", MESSAGE, 404),
         ("/", AUTH, "message/rfc822", MESSAGE, 404),
-        ("/rails/action_mailbox/relay/inbound_emails", None, "message/rfc822", MESSAGE, 401),
+        (PATH, None, "message/rfc822", MESSAGE, 401),
         (
-            "/rails/action_mailbox/relay/inbound_emails",
+            PATH,
             ("actionmailbox", "no"),
             "message/rfc822",
             MESSAGE,
             401,
         ),
-        ("/rails/action_mailbox/relay/inbound_emails", ("someone", "pw"), "message/rfc822", MESSAGE, 401),
-        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "text/plain", MESSAGE, 415),
-        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "message/rfc822; charset=utf-8", MESSAGE, 204),
-        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "MESSAGE/RFC822", MESSAGE, 204),
-        ("/rails/action_mailbox/relay/inbound_emails", AUTH, "message/rfc822", b"", 422),
+        (PATH, ("someone", "pw"), "message/rfc822", MESSAGE, 401),
+        (PATH, AUTH, "text/plain", MESSAGE, 415),
+        (PATH, AUTH, "message/rfc822; charset=utf-8", MESSAGE, 204),
+        (PATH, AUTH, "MESSAGE/RFC822", MESSAGE, 204),
+        (PATH, AUTH, "message/rfc822", b"", 422),
     ],
 )
 def test_answers_like_action_mailbox(
@@ -128,7 +128,7 @@ def test_concurrent_posts_each_stored_once(serve: LocalServe) -> None:
 
 def test_nothing_is_visible_in_new_until_the_whole_message_arrived(serve: LocalServe) -> None:
     head = (
-        b"POST /rails/action_mailbox/relay/inbound_emails HTTP/1.1\r\nHost: x\r\n"
+        b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
         b"Authorization: Basic YWN0aW9ubWFpbGJveDpwdw==\r\nContent-Type: message/rfc822\r\n"
         b"Content-Length: %d\r\n\r\n" % len(MESSAGE)
     )
@@ -144,7 +144,7 @@ def test_nothing_is_visible_in_new_until_the_whole_message_arrived(serve: LocalS
 
 def test_a_client_that_goes_away_mid_body_stores_nothing(serve: LocalServe) -> None:
     head = (
-        b"POST /rails/action_mailbox/relay/inbound_emails HTTP/1.1\r\nHost: x\r\n"
+        b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
         b"Authorization: Basic YWN0aW9ubWFpbGJveDpwdw==\r\nContent-Type: message/rfc822\r\n"
     )
     with socket.create_connection(("127.0.0.1", serve.port)) as conn:
@@ -187,8 +187,8 @@ def test_the_serve_command_starts_logs_and_stops_on_ctrl_c(tmp_path: Path, clean
     )
     assert process.stderr is not None
     first = process.stderr.readline().decode()
-    assert f"listening on http://127.0.0.1:{port}/rails/action_mailbox/relay/inbound_emails" in first
-    url = f"http://127.0.0.1:{port}/rails/action_mailbox/relay/inbound_emails"
+    assert f"listening on http://127.0.0.1:{port}{PATH}" in first
+    url = f"http://127.0.0.1:{port}{PATH}"
     assert requests.post(url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10).status_code == 204
     assert b" 204 " in process.stderr.readline()
     process.send_signal(signal.SIGINT)

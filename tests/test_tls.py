@@ -10,11 +10,11 @@ from typing import Iterator
 import pytest
 import trustme
 
-from mailbox_relay.ingress import make_session, post_with_retry
+from mailbox_relay.ingress.client import make_session, post_with_retry
 from mailbox_relay.message import prepare
 from mailbox_relay.outcome import Outcome, Reason
-from mailbox_relay.settings import Settings
 
+from .helpers import RELAY_PATH, make_settings
 from .peers import Ingress204
 
 MESSAGE = b"From: a@example.com\n\nbody\n"
@@ -34,8 +34,8 @@ def tls_ingress(ca: trustme.CA) -> Iterator[Ingress204]:
 
 
 def post(server: Ingress204, **options: object) -> Outcome:
-    url = f"https://localhost:{server.port}/rails/action_mailbox/relay/inbound_emails"
-    settings = Settings(url=url, password="pw", retry_for=0.0, timeout=5.0, **options)  # type: ignore[arg-type]
+    url = f"https://localhost:{server.port}{RELAY_PATH}"
+    settings = make_settings(url=url, retry_for=0.0, timeout=5.0, **options)
     with make_session(settings) as session:
         return post_with_retry(session, settings, prepare(MESSAGE))
 

@@ -10,6 +10,7 @@ from typing import Dict, Tuple
 
 import pytest
 
+from ..helpers import RELAY_PATH
 from ..peers import free_port
 from .world import Dovecot, RailsApp, message, need
 
@@ -78,7 +79,7 @@ def test_failures_keep_the_mail_and_the_curl_relay_loses_it(
     ours_rc = getmailrc(tmp_path / "ours", dovecot, ours, relay, ("deliver",))
     curl_rc = getmailrc(tmp_path / "curl", dovecot, curls, "/bin/sh", ("-c", CURL_RELAY))
     closed = f"http://127.0.0.1:{free_port()}"
-    relay_url = rails.url + "/rails/action_mailbox/relay/inbound_emails"
+    relay_url = rails.url + RELAY_PATH
 
     failures = {
         "wrong password": (

@@ -10,6 +10,7 @@ from typing import Dict, List
 
 from ..corpus import message as corpus_message
 from ..corpus import write_maildir, write_mbox
+from ..helpers import RELAY_PATH
 from .world import RailsApp
 
 
@@ -62,7 +63,7 @@ def test_check_against_the_real_app(
     code, report = check(rails.url + "/rails/action_mailbox/postfix/inbound_emails", rails.password)
     assert code == 78
     http = next(step for step in report["steps"] if step["step"] == "http")  # type: ignore[union-attr,index]
-    assert "/rails/action_mailbox/relay/inbound_emails" in http["detail"]  # type: ignore[index]
+    assert RELAY_PATH in http["detail"]  # type: ignore[index]
     code, report = check(unconfigured_url, rails.password)
     assert code == 78
     http = next(step for step in report["steps"] if step["step"] == "http")  # type: ignore[union-attr,index]

@@ -12,8 +12,9 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from ..helpers import RELAY_PATH
 from ..peers import free_port
-from .world import RELAY_PATH, RailsApp, message, rails_version, relay_command
+from .world import RailsApp, message, rails_version, relay_command
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "compatibility.md"
 GOOD = message("compatibility")

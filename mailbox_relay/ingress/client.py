@@ -8,17 +8,16 @@ already reached Rails is deduplicated there.
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
 
 import requests
 
+from mailbox_relay.ingress.answers import classify_error, classify_response, parse_retry_after
+from mailbox_relay.log import Log, nowhere
 from mailbox_relay.message import Prepared
-from mailbox_relay.outcome import Outcome, Reason, classify_response
+from mailbox_relay.outcome import Outcome
 from mailbox_relay.settings import Settings
 
 RELAY_USER = "actionmailbox"
@@ -39,8 +38,8 @@ def make_session(settings: Settings) -> requests.Session:
     # ~/.netrc from replacing the ingress credentials.
     session.trust_env = False
     session.proxies.update(requests.utils.get_environ_proxies(settings.url))
-    session.verify = _verify(settings)
-    if settings.insecure:
+    session.verify = settings.tls.verify
+    if settings.tls.insecure:
         # The user opted out of verification explicitly; urllib3's per-request warning on stderr
         # would make getmail and Exim treat every delivery as failed.
         import warnings
@@ -49,13 +48,6 @@ def make_session(settings: Settings) -> requests.Session:
 
         warnings.simplefilter("ignore", InsecureRequestWarning)
     return session
-
-
-def _verify(settings: Settings) -> Any:
-    """--insecure, --ca-bundle, then the CA bundle requests itself would take from the env."""
-    if settings.insecure or settings.ca_bundle:
-        return settings.verify
-    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
 
 class Body:
@@ -79,86 +71,6 @@ class Body:
         return bytes(chunk)
 
 
-def parse_retry_after(value: Optional[str], now: Callable[[], float] = time.time) -> Optional[float]:
-    """Seconds from a Retry-After header: delay-seconds or an HTTP-date. None if absent or junk."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    from email.utils import parsedate_to_datetime  # rare: only servers that send a date
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now())
-
-
-def host_port(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.hostname}:{port}"
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """The error and everything it wraps (urllib3 nests the socket error several levels deep)."""
-    seen: List[int] = []
-    todo: List[BaseException] = [error]
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.append(id(current))
-        yield current
-        nested = [getattr(current, "reason", None), current.__cause__, current.__context__]
-        nested += list(current.args)
-        todo += [item for item in nested if isinstance(item, BaseException)]
-
-
-def classify_error(error: requests.RequestException, url: str, timeout: float) -> Outcome:
-    """Map a requests exception to its outcome, naming host and port."""
-    where = host_port(url)
-    causes = list(_causes(error))
-    if isinstance(error, requests.exceptions.SSLError):
-        return Outcome(
-            Reason.TLS,
-            f"TLS with {where} failed ({_last_words(causes)}): fix the server's certificate, or "
-            "pass --ca-bundle with the CA that signed it",
-        )
-    if isinstance(error, requests.exceptions.ConnectTimeout):
-        return Outcome(
-            Reason.TIMEOUT,
-            f"could not connect to {where} within {timeout:g}s: is a firewall dropping packets?",
-        )
-    if isinstance(error, requests.exceptions.ReadTimeout):
-        return Outcome(
-            Reason.TIMEOUT,
-            f"ingress at {where} did not answer within {timeout:g}s: raise --timeout if the app is slow",
-        )
-    if any(isinstance(cause, ConnectionRefusedError) for cause in causes):
-        return Outcome(
-            Reason.UNREACHABLE,
-            f"connection refused by {where}: is the app running, and is the port in the URL right?",
-        )
-    if any(isinstance(cause, socket.gaierror) for cause in causes):
-        return Outcome(
-            Reason.UNREACHABLE,
-            f"cannot resolve {urlsplit(url).hostname}: check the host name in the URL and DNS",
-        )
-    if isinstance(error, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
-        return Outcome(Reason.CONFIG, f"the ingress URL {url!r} is not usable: {error}")
-    return Outcome(
-        Reason.NETWORK,
-        f"connection to {where} failed before the ingress answered ({_last_words(causes)})",
-    )
-
-
-def _last_words(causes: List[BaseException]) -> str:
-    innermost = causes[-1]
-    return f"{type(innermost).__name__}: {innermost}".strip().rstrip(":")
-
-
 def _post(
     session: requests.Session,
     settings: Settings,
@@ -176,7 +88,7 @@ def _post(
             allow_redirects=False,
         )
     except requests.RequestException as error:
-        return None, classify_error(error, settings.url, settings.timeout)
+        return None, classify_error(error, settings.endpoint, settings.timeout)
     with response:
         return response.status_code, classify_response(
             response.status_code,
@@ -254,7 +166,7 @@ def post_with_retry(
     *,
     clock: Optional[Clock] = None,
     backoff: Optional[Backoff] = None,
-    log: Callable[[str], None] = lambda line: None,
+    log: Log = nowhere,
     pacer: Optional[Pacer] = None,
 ) -> Outcome:
     """Post until delivered, a non-retryable answer, or the --retry-for budget is spent.

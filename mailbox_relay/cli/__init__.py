@@ -1,0 +1,140 @@
+"""The command line: the group, a lazy loader for its commands, and `run`, the one error boundary.
+
+Every delivered message pays for what `deliver` imports, so each command lives in its own module
+(deliver, import_, check, serve), loaded only when it is asked for, and imports its machinery
+(rich, sqlite3, http.server, multiprocessing) inside its own function.
+
+Commands return an `Outcome` (deliver) or an `Exit` (the others); only `run` turns them into a
+number, and only `exit_style` decides between sysexits and qmail codes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence
+
+import click
+
+from mailbox_relay import __version__
+from mailbox_relay.log import to_stderr
+from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, exit_code, internal_error
+from mailbox_relay.settings import CONFIG, EXIT_CODES, Layers, open_layers
+
+# name -> "module:function". The order is the order of the top-level --help.
+COMMANDS: Dict[str, str] = {
+    "deliver": "mailbox_relay.cli.deliver:deliver",
+    "import": "mailbox_relay.cli.import_:import_",
+    "check": "mailbox_relay.cli.check:check",
+    "serve": "mailbox_relay.cli.serve:serve",
+}
+
+# Commands that people run, never an MTA: their usage errors exit 64 (EX_USAGE). Anything else
+# (deliver, a missing or unknown command) may be an MTA's pipe, where 64 bounces: it exits 75.
+FOR_PEOPLE = frozenset({"import", "check", "serve"})
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name not in COMMANDS:
+            return None
+        module, _, function = COMMANDS[name].partition(":")
+        command: click.Command = getattr(importlib.import_module(module), function)
+        return command
+
+
+@click.group(
+    cls=LazyGroup,
+    no_args_is_help=False,  # `mailbox-relay < message` is an MTA's mistake: exit 75, not help
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="mailbox-relay")
+def cli() -> None:
+    """Move email into a Rails app's Action Mailbox relay ingress, safely."""
+
+
+def exit_style(args: Sequence[str], environ: Mapping[str, str]) -> str:
+    """sysexits or qmail: --exit-codes, else the environment, else the config file.
+
+    The one place the convention is chosen. It reads the arguments itself, so a usage error
+    (which click raises before any command runs) still exits in the caller's convention.
+    """
+    options = {
+        EXIT_CODES.name: _last_value(args, EXIT_CODES.flag),
+        CONFIG.name: _last_value(args, CONFIG.flag),
+    }
+    try:
+        return open_layers(options, environ).get(EXIT_CODES)[0]
+    except ConfigError:
+        pass
+    try:  # an unreadable config file: the option or the environment still count
+        return Layers(options, environ).get(EXIT_CODES)[0]
+    except ConfigError:
+        return EXIT_CODES.default or "sysexits"
+
+
+def _last_value(args: Sequence[str], flag: str) -> Optional[str]:
+    """The value of `flag` in `args` (`--flag VALUE` or `--flag=VALUE`); the last one wins."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == flag and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
+def _command_name(error: click.ClickException) -> str:
+    ctx = getattr(error, "ctx", None)
+    return (ctx.info_name or "") if ctx is not None and ctx.parent is not None else ""
+
+
+def _usage_error(error: click.ClickException, args: Sequence[str]) -> Any:
+    """A person gets click's usage text and 64; an MTA gets one line and a temporary failure."""
+    command = _command_name(error)
+    if command in FOR_PEOPLE:
+        error.show()
+        return Exit.USAGE
+    where = f"mailbox-relay {command} --help" if command else "mailbox-relay --help"
+    return _said(Outcome(Reason.CONFIG, f"usage error: {error.format_message().rstrip('.')}; see {where}"))
+
+
+def _said(outcome: Outcome) -> Outcome:
+    """The one line of a failure the boundary itself met (commands report their own)."""
+    click.echo(outcome.line(), err=True)
+    return outcome
+
+
+def _show_warning(message: Any, category: Any, *rest: Any, **kwargs: Any) -> None:
+    to_stderr(f"warning: {message}")
+
+
+def run(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run the CLI and return its exit code: the one place outcomes become numbers."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    environ = os.environ if environ is None else environ
+    warnings.showwarning = _show_warning  # one line each, in our prefix (deliver records its own)
+    try:
+        result = cli.main(args=args, prog_name="mailbox-relay", standalone_mode=False)
+    except click.ClickException as error:
+        result = _usage_error(error, args)
+    except click.exceptions.Abort:
+        result = _said(Outcome(Reason.INTERRUPTED, "interrupted; nothing was delivered"))
+    except Exception as error:  # the last boundary: a crash is temporary, never exit 1
+        result = _said(internal_error(error))
+    if isinstance(result, Outcome):
+        return int(Exit.OK if result.delivered else exit_code(result, exit_style(args, environ)))
+    return int(result or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> NoReturn:
+    sys.exit(run(argv))

@@ -1,0 +1,46 @@
+"""`mailbox-relay check`: would delivery work? (see check.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from mailbox_relay.cli.options import settings_options, usage_errors
+from mailbox_relay.log import nowhere, to_stderr
+from mailbox_relay.outcome import Exit
+from mailbox_relay.settings import CONNECTION
+
+HELP = """Check that delivery would work, step by step, without creating an inbound email.
+
+Reports the settings (and where each came from), DNS, TCP, TLS (version, certificate,
+expiry), then posts with the right password and a deliberately wrong Content-Type: Action
+Mailbox answers 415 to that only when the URL, the relay ingress and the password are all
+right, and stores nothing.
+
+\b
+Exit codes (for people and monitoring):
+   0  ready
+  77  password rejected (401/403)
+  78  configuration: wrong path (404), redirect, missing URL/password, plain http
+  69  unreachable, TLS failure, timeout or 5xx
+"""
+
+
+@click.command(help=HELP, short_help="Diagnose the settings and the ingress without creating anything.")
+@settings_options(CONNECTION)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def check(verbose: bool, as_json: bool, **options: Any) -> Exit:
+    from mailbox_relay.check import render, run_check
+
+    with usage_errors():
+        report = run_check(options, os.environ, to_stderr if verbose else nowhere)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        render(report, sys.stdout)
+    return report.exit_code

@@ -1,0 +1,66 @@
+"""`mailbox-relay serve`: a local relay ingress (see server.py)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from mailbox_relay.cli.options import password_options, usage_errors
+from mailbox_relay.endpoint import RELAY_PATH
+from mailbox_relay.log import to_stderr
+from mailbox_relay.outcome import Exit
+
+HELP = """Run a local relay ingress that answers exactly like Action Mailbox's.
+
+POST /rails/action_mailbox/relay/inbound_emails with Basic auth (user actionmailbox) and
+Content-Type message/rfc822 gets 204 and the exact bytes land in the Maildir (tmp/, fsync,
+new/); a byte-identical re-post answers 204 and is not stored twice, as in Rails. Anything
+else gets what Rails answers: 404 (other paths), 401, 415, or 422 for an empty body.
+
+The password comes from MAILBOX_RELAY_PASSWORD, INGRESS_PASSWORD, --password-file or the
+config file; serve refuses to start without one. Logs one line per request on stderr.
+"""
+
+
+@click.command(
+    help=HELP, short_help="A local relay ingress that answers like Action Mailbox, into a Maildir."
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3025, show_default=True, type=click.IntRange(0, 65535), help="Port.")
+@click.option(
+    "--maildir",
+    default="mailbox-relay-inbox",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Maildir to store accepted messages in (created if missing).",
+)
+@password_options
+def serve(host: str, port: int, maildir: str, **options: Any) -> Exit:
+    from mailbox_relay.maildir import MaildirWriter
+    from mailbox_relay.outcome import ConfigError
+    from mailbox_relay.server import make_server
+    from mailbox_relay.settings import open_layers
+
+    try:
+        with usage_errors():
+            password = open_layers(options, os.environ).password()[0]
+        if password is None:
+            raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
+        server = make_server(host, port, password, MaildirWriter(maildir), to_stderr)
+    except ConfigError as error:
+        to_stderr(error.outcome.detail)
+        return Exit.CONFIG
+    except OSError as error:
+        to_stderr(f"cannot listen on {host}:{port}: {error.strerror}")
+        return Exit.UNAVAILABLE
+    bound = server.server_address[1]
+    to_stderr(f"listening on http://{host}:{bound}{RELAY_PATH}, storing into {maildir}/new (Ctrl-C stops)")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        to_stderr("stopped")
+    finally:
+        server.server_close()
+    return Exit.OK

@@ -1,0 +1,43 @@
+"""What several test modules share: the relay path, the CLI runner, settings and a fake clock.
+
+Test modules import from here (and peers.py, corpus.py), never from each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from click.testing import CliRunner
+
+from mailbox_relay.cli import run
+from mailbox_relay.ingress.client import Clock
+from mailbox_relay.settings import Settings
+
+RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
+
+
+def invoke(args: List[str], stdin: bytes = b"", env: Optional[Dict[str, str]] = None) -> Tuple[int, str, str]:
+    """Run the real boundary (`run`) with isolated streams; (exit code, stdout, stderr)."""
+    with CliRunner().isolation(input=stdin, env=env) as (out, err, _):
+        code = run(args)
+    return code, out.getvalue().decode(), err.getvalue().decode()
+
+
+def make_settings(
+    *, password: str = "pw", environ: Optional[Dict[str, str]] = None, **values: Any
+) -> Settings:
+    """Settings as a caller would resolve them, from plain values (defaults for the rest)."""
+    return Settings(values, password=password, environ=environ or {})
+
+
+class FakeClock(Clock):
+    """Sleeping advances time instantly, so retry budgets are tested without waiting."""
+
+    def __init__(self) -> None:
+        self.time = 1000.0
+        self.slept: List[float] = []
+        super().__init__(now=lambda: self.time, sleep=self._sleep)
+
+    def _sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.time += seconds

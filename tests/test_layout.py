@@ -1,0 +1,84 @@
+"""The package's shape: no import cycles, and deliver's path stays apart from the other commands."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mailbox_relay"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: Set[str]) -> Set[str]:
+    """Every package module this file imports, at the top or inside a function (lazily)."""
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name in modules)
+    return found
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    """One import cycle as a path that ends where it starts, or [] if there is none."""
+    state: Dict[str, str] = {}
+
+    def visit(node: str, trail: List[str]) -> List[str]:
+        state[node] = "open"
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return [*trail[trail.index(target) :], target] if target in trail else [node, target]
+            if target not in state:
+                cycle = visit(target, [*trail, target])
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        return []
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_among_the_package_modules() -> None:
+    graph = import_graph()
+    assert "mailbox_relay.cli.deliver" in graph and "mailbox_relay.ingress.client" in graph
+    assert find_cycle(graph) == []
+
+
+def test_deliver_imports_none_of_the_other_commands() -> None:
+    graph = import_graph()
+    reached: Set[str] = set()
+    todo = ["mailbox_relay.cli.deliver"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo += graph[module]
+    others = {"mailbox_relay.cli.import_", "mailbox_relay.cli.check", "mailbox_relay.cli.serve"}
+    assert (
+        reached & (others | {"mailbox_relay.importer", "mailbox_relay.check", "mailbox_relay.server"})
+        == set()
+    )
