@@ -81,6 +81,12 @@ def run_check(
     return _probe(report, settings)
 
 
+def crashed(error: Exception) -> Report:
+    """A bug of ours, reported as a failed step with check's "unavailable" code."""
+    detail = f"check itself failed ({type(error).__name__}: {error}); please report this"
+    return Report().failed("check", detail, Exit.UNAVAILABLE)
+
+
 def _describe_sources(settings: Settings) -> str:
     return f"url {settings.url} ({settings.sources.get('url')}); password set ({settings.password_source})"
 

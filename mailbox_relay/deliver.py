@@ -10,17 +10,26 @@ from mailbox_relay.outcome import ConfigError, Outcome, RelayError
 from mailbox_relay.settings import open_layers, settings_from
 
 
-def read_message(file: Optional[str], stdin: BinaryIO) -> bytes:
+def read_message(file: Optional[str], stdin: Optional[BinaryIO]) -> bytes:
     """The raw message from FILE or stdin, as bytes (no decoding, no newline translation)."""
     if file in (None, "-"):
-        if stdin.isatty():
-            raise ConfigError("no message: pipe one into stdin, or name a FILE")
-        return stdin.read()
+        return _read_stdin(stdin)
     try:
         with open(str(file), "rb") as handle:
             return handle.read()
     except OSError as error:
         raise ConfigError(f"cannot read the message file {file}: {error.strerror}") from None
+
+
+def _read_stdin(stdin: Optional[BinaryIO]) -> bytes:
+    if stdin is None:  # started with stdin closed (`<&-`): Python then has no sys.stdin
+        raise ConfigError("no message: stdin is closed; pipe the message in, or name a FILE")
+    try:
+        if stdin.isatty():
+            raise ConfigError("no message: pipe one into stdin, or name a FILE")
+        return stdin.read()
+    except OSError as error:
+        raise ConfigError(f"cannot read the message from stdin: {error.strerror or error}") from None
 
 
 def deliver(

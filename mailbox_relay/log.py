@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+from typing import Callable, Optional, TextIO
 
 Log = Callable[[str], None]
 
@@ -15,12 +16,41 @@ def prefixed(line: str) -> str:
     return PREFIX + line
 
 
-def to_stderr(line: str) -> None:
+def say(text: str, *, err: bool = True) -> None:
+    """Write a line to stderr (or stdout). A reader that went away (EPIPE) or a closed stream
+    must never change the exit code: the line is dropped, and so is the rest of that stream."""
+    stream: Optional[TextIO] = sys.stderr if err else sys.stdout
+    if stream is None:  # started with that descriptor closed
+        return
     try:
-        sys.stderr.write(prefixed(line) + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a reader that went away must not turn a log line into a crash
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        mute(stream)
+
+
+def mute(stream: Optional[TextIO]) -> None:
+    """Point a broken stream at /dev/null, so no later write or the flush at exit fails."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # type: ignore[union-attr]
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no descriptor (tests' streams): nothing to do
         pass
+
+
+def flush_or_mute() -> None:
+    """At exit: flush stdout and stderr, muting whichever has lost its reader."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            mute(stream)
+
+
+def to_stderr(line: str) -> None:
+    say(prefixed(line))
 
 
 def nowhere(line: str) -> None:

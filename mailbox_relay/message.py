@@ -52,9 +52,15 @@ class Prepared:
         return self.prefix + self.raw[self.start :]
 
 
+def is_envelope_line(data: bytes) -> bool:
+    """Does `data` start with an mbox `From sender ...` line? `From : alice@x` is not one: it is
+    a From: header field in obsolete syntax (blanks before the colon)."""
+    return data.startswith(b"From ") and _FIELD.match(data) is None
+
+
 def body_start(raw: bytes) -> int:
     """Offset after one leading mbox `From ` envelope line, if there is one."""
-    if not raw.startswith(b"From "):
+    if not is_envelope_line(raw):
         return 0
     newline = raw.find(b"\n")
     return len(raw) if newline < 0 else newline + 1
@@ -79,13 +85,8 @@ def header_lines(header: bytes) -> List[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def validate(raw: bytes, *, max_size: Optional[int] = None) -> Tuple[int, bytes]:
+def validate(raw: bytes) -> Tuple[int, bytes]:
     """Check `raw` is a message; return where it starts and its header section, or raise."""
-    if max_size is not None and len(raw) > max_size:
-        raise InvalidMessage(
-            f"message of {len(raw)} bytes is over the --max-size limit of {max_size} bytes",
-            Reason.TOO_BIG,
-        )
     start = body_start(raw)
     if _NOT_BLANK.search(raw, start) is None:  # a search, not raw[start:].strip(): no copy
         raise InvalidMessage("not an RFC 822 message: the input is empty")
@@ -173,8 +174,14 @@ def line_ending(raw: bytes, start: int) -> bytes:
 
 def prepare(raw: bytes, *, recipients: Sequence[str] = (), max_size: Optional[int] = None) -> Prepared:
     """Validate `raw` and work out the exact bytes to send (raises InvalidMessage)."""
-    start, header = validate(raw, max_size=max_size)
+    start, header = validate(raw)
     prefix = b""
     if recipients:
         prefix = original_to_prefix(header_lines(header), recipients, line_ending(raw, start))
-    return Prepared(raw, start, prefix, header)
+    prepared = Prepared(raw, start, prefix, header)
+    if max_size is not None and prepared.size > max_size:  # what is sent, not what was read
+        raise InvalidMessage(
+            f"message of {prepared.size} bytes is over the --max-size limit of {max_size} bytes",
+            Reason.TOO_BIG,
+        )
+    return prepared

@@ -54,3 +54,37 @@ def stop_signals(handler: Callable[[], None]) -> Iterator[None]:
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+class DeadlinePassed(BaseException):
+    """An attempt ran past its deadline. A BaseException, so no library's `except Exception`
+    swallows it on its way out (urllib3 closes the connection it interrupted)."""
+
+
+def _deadline_passed(signum: int, frame: object) -> None:
+    raise DeadlinePassed()
+
+
+class deadline:
+    """Bound the whole of a block in wall-clock time (SIGALRM), not each socket read: a server
+    that trickles one byte every half second never times out a per-read timeout.
+
+    Only the main thread can take signals; elsewhere the block runs with its per-read
+    timeouts alone (`armed` is then False)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.armed = False
+
+    def __enter__(self) -> deadline:
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+            self._previous = signal.signal(signal.SIGALRM, _deadline_passed)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self._previous)
+            self.armed = False

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, List, Optional, Protocol, Tuple
 
-from mailbox_relay.message import starts_with_field
+from mailbox_relay.message import is_envelope_line, starts_with_field
 
 CHUNK = 8 * 1024 * 1024
 # A From_ separator line: "From <sender> <date with a time>", e.g. Gmail Takeout's
@@ -216,7 +216,7 @@ def detect(path: str, *, mboxrd: bool = False) -> Source:
             head = stream.read(4096)
     except (OSError, EOFError) as error:
         raise NotASource(f"{path}: cannot read it ({error})") from None
-    if head.startswith(b"From "):
+    if is_envelope_line(head):
         return Mbox(path, mboxrd=mboxrd)
     if starts_with_field(head):
         return EmlTree(path, kind=".eml message")

@@ -39,12 +39,29 @@ def read_request(conn: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+# Whole answers a hostile or broken ingress gives, by behaviour name.
+CANNED = {
+    "204": b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+    "bad-gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 12\r\n\r\nnot gzip at all",
+    "503-retry-now": b"HTTP/1.1 503 Busy\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    "503-retry-past": (
+        b"HTTP/1.1 503 Busy\r\nRetry-After: Wed, 21 Oct 2015 07:28:00 GMT\r\nContent-Length: 0\r\n"
+        b"Connection: close\r\n\r\n"
+    ),
+    "retry-after-junk": (
+        b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    ),
+}
+
+
 class RawServer:
-    """Each connection gets the next behaviour: "reset", "stall", "close", or "204".
+    """Each connection gets the next behaviour: "reset", "stall", "close", "endless", "trickle",
+    or one of CANNED's answers.
 
     "reset" answers with a TCP RST after reading the request; "stall" reads and never answers;
-    "close" closes cleanly without a response; "204" answers like the ingress does on success.
-    The last behaviour repeats for any later connections.
+    "close" closes cleanly without a response; "endless" answers 200 with a chunked body that
+    never ends; "trickle" sends a 204 one byte every half second. The last behaviour repeats for
+    any later connections.
     """
 
     def __init__(self, behaviours: List[str]) -> None:
@@ -83,8 +100,30 @@ class RawServer:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif behaviour == "stall":
                 self._stop.wait(60)
-            elif behaviour == "204":
-                conn.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            elif behaviour in CANNED:
+                conn.sendall(CANNED[behaviour])
+            elif behaviour == "endless":
+                self._endless(conn)
+            elif behaviour == "trickle":
+                self._trickle(conn, CANNED["204"])
+
+    def _endless(self, conn: socket.socket) -> None:
+        chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while not self._stop.is_set():
+                conn.sendall(chunk)
+        except OSError:
+            return  # the client hung up, as it should
+
+    def _trickle(self, conn: socket.socket, answer: bytes) -> None:
+        try:
+            for byte in answer:
+                if self._stop.wait(0.5):
+                    return
+                conn.sendall(bytes([byte]))
+        except OSError:
+            return
 
     def close(self) -> None:
         self._stop.set()

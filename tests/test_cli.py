@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -12,6 +13,7 @@ from werkzeug import Request, Response
 
 from . import helpers
 from .helpers import RELAY_PATH as PATH
+from .peers import LocalServe
 
 MESSAGE = b"From: a@example.com\nTo: b@example.com\nSubject: hi\n\nbody\n"
 
@@ -271,3 +273,66 @@ def test_a_bad_option_value_is_checked_once_by_its_field(clean_env: Dict[str, st
         ["deliver"], env={"MAILBOX_RELAY_URL": "https://x.example.com", "MAILBOX_RELAY_TIMEOUT": "nan"}
     )
     assert code == 75 and err.startswith("4.3.5 MAILBOX_RELAY_TIMEOUT must be a number")
+
+
+@pytest.mark.parametrize("password", ["pässwörd", "pass€word", "日本語のパスワード"])
+def test_non_ascii_passwords_are_sent_as_utf8(
+    clean_env: Dict[str, str], tmp_path: Path, password: str
+) -> None:
+    with LocalServe(str(tmp_path / "inbox"), password=password) as serve:
+        assert invoke(["deliver", "--url", serve.base], env={"MAILBOX_RELAY_PASSWORD": password}) == (
+            0,
+            "",
+            "",
+        )
+        code, _, err = invoke(
+            ["deliver", "--url", serve.base], env={"MAILBOX_RELAY_PASSWORD": password + "x"}
+        )
+    assert code == 75 and err.startswith("4.7.0 ") and password not in err
+
+
+def test_max_size_counts_the_bytes_sent(
+    clean_env: Dict[str, str], httpserver: HTTPServer, ingress: List[Request]
+) -> None:
+    env = {"MAILBOX_RELAY_PASSWORD": "pw", "MAILBOX_RELAY_URL": httpserver.url_for(PATH)}
+    envelope = b"From alice@example.com Mon Jan  1 00:00:00 2024\n"
+    limit = str(len(MESSAGE))
+    assert invoke(["deliver", "--max-size", limit], stdin=envelope + MESSAGE, env=env)[0] == 0
+    code, _, err = invoke(["deliver", "--max-size", limit, "--envelope-recipient", "c@example.com"], env=env)
+    added = len(b"X-Original-To: c@example.com\n")
+    assert code == 65 and err.startswith(f"5.3.4 message of {len(MESSAGE) + added} bytes")
+    assert [request.get_data() for request in ingress] == [MESSAGE]
+
+
+def test_an_obsolete_from_field_first_is_a_header_not_an_envelope(
+    clean_env: Dict[str, str], httpserver: HTTPServer, ingress: List[Request]
+) -> None:
+    message = b"From : alice@example.com\nTo: b@example.com\n\nbody\n"
+    env = {"MAILBOX_RELAY_PASSWORD": "pw", "MAILBOX_RELAY_URL": httpserver.url_for(PATH)}
+    assert invoke(["deliver"], stdin=message, env=env) == (0, "", "")
+    assert ingress[0].get_data() == message
+
+
+def test_check_import_and_serve_warn_about_a_readable_password_file(
+    clean_env: Dict[str, str], tmp_path: Path
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("pw\n")
+    secret.chmod(0o644)
+    warning = (
+        f"mailbox-relay: warning: password file {secret} is readable by group or others; chmod 600 {secret}"
+    )
+    with LocalServe(str(tmp_path / "inbox")) as serve:
+        check = invoke(["check", "--url", serve.base, "--password-file", str(secret)])
+        mbox = tmp_path / "in.mbox"
+        mbox.write_bytes(b"From a@b Mon Jan  1 00:00:00 2024\n" + MESSAGE)
+        imported = invoke(
+            ["import", "--no-state", "-q", "--url", serve.base, "--password-file", str(secret), str(mbox)]
+        )
+    assert check[0] == 0 and warning in check[2]
+    assert imported[0] == 0 and warning in imported[2]
+    with socket.socket() as busy:  # serve reads its password, warns, then cannot listen here
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        served = invoke(["serve", "--port", str(busy.getsockname()[1]), "--password-file", str(secret)])
+    assert served[0] == 69 and warning in served[2]

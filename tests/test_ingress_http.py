@@ -168,7 +168,8 @@ def test_parse_retry_after() -> None:
 def test_session_factory_sets_what_every_post_needs() -> None:
     settings = make_settings(url="https://x.example.com" + PATH, password="p", ca_bundle=__file__)
     session = make_session(settings)
-    assert session.auth == ("actionmailbox", "p")
+    assert isinstance(session.auth, requests.auth.HTTPBasicAuth)
+    assert (session.auth.username, session.auth.password) == (b"actionmailbox", b"p")
     assert session.verify == __file__
     assert session.headers["Content-Type"] == "message/rfc822"
     assert make_session(make_settings(url="https://x.example.com", insecure=True)).verify is False

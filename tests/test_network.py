@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
+import time
+
 import pytest
 
 from mailbox_relay.ingress.client import Backoff, make_session, post_with_retry
@@ -65,3 +71,70 @@ def test_unresolvable_host_is_named() -> None:
     outcome = post("https://no-such-host.invalid/x", retry_for=0.0)
     assert outcome.reason is Reason.UNREACHABLE
     assert "cannot resolve no-such-host.invalid" in outcome.line()
+
+
+# --- every attempt is bounded in time and memory ------------------------------------------------
+
+
+def deliver_process(url: str, *args: str, command: str = "deliver") -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "MAILBOX_RELAY_URL": url, "MAILBOX_RELAY_PASSWORD": "pw"}
+    return subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", command, *args],
+        input=MESSAGE,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def peak_rss_of_children_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def test_a_2xx_with_an_endless_body_is_delivered_quickly_in_little_memory() -> None:
+    with RawServer(["endless"]) as server:
+        started = time.monotonic()
+        result = deliver_process(server.url, "--timeout", "2", "--retry-for", "0")
+        seconds = time.monotonic() - started
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert seconds < 10
+    assert peak_rss_of_children_mb() < 200
+
+
+def test_check_does_not_hang_on_an_endless_body() -> None:
+    with RawServer(["endless"]) as server:
+        result = deliver_process(server.url, "--timeout", "2", "--json", command="check")
+    assert result.returncode == 78  # a 200 to the probe: not Action Mailbox, and said so
+    assert b"not an Action Mailbox relay ingress" in result.stdout
+
+
+def test_a_2xx_is_delivered_whatever_its_body_is() -> None:
+    with RawServer(["bad-gzip"]) as server:
+        outcome = post(server.url, retry_for=0.0)
+    assert outcome.delivered, outcome
+
+
+def test_timeout_bounds_the_whole_attempt_not_each_read() -> None:
+    with RawServer(["trickle"]) as server:
+        started = time.monotonic()
+        outcome = post(server.url, timeout=1.0, retry_for=0.0)
+        seconds = time.monotonic() - started
+    assert outcome.reason is Reason.TIMEOUT
+    assert "did not answer within 1s" in outcome.line()
+    assert seconds < 3
+
+
+@pytest.mark.parametrize("answer", ["503-retry-now", "503-retry-past"])
+def test_retry_after_now_or_in_the_past_never_floods_the_ingress(answer: str) -> None:
+    with RawServer([answer]) as server:
+        started = time.monotonic()
+        result = deliver_process(server.url, "--retry-for", "3", "--timeout", "2")
+        seconds = time.monotonic() - started
+    assert result.returncode == 75 and result.stderr.startswith(b"4.3.0 ingress failed with HTTP 503")
+    assert server.connections <= 5, f"{server.connections} posts in {seconds:.1f}s"
+
+
+def test_a_retry_after_that_is_not_ascii_is_ignored_not_a_crash() -> None:
+    with RawServer(["retry-after-junk"]) as server:
+        outcome = post(server.url, retry_for=0.0)
+    assert outcome.reason is Reason.SERVER_ERROR and outcome.retry_after is None

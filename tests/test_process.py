@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List
 
 import pytest
@@ -130,3 +131,53 @@ def test_the_deliver_path_imports_nothing_heavy(clean_env: Dict[str, str], https
         env=relay_env(clean_env, httpserver.url_for(PATH)),
     )
     assert result.stdout.decode().split(" ", 1) == ["0", "[]\n"], result.stderr.decode()
+
+
+def run_with_a_gone_reader(args: List[str], env: Dict[str, str], stream: str, stdin: bytes = SAMPLE) -> int:
+    """Run with stdout or stderr a pipe whose reader has already gone (EPIPE on the first write)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mailbox_relay", *args],
+            input=stdin,
+            env=env,
+            timeout=60,
+            **{stream: write_end, "stdout" if stream == "stderr" else "stderr": subprocess.DEVNULL},
+        )
+    finally:
+        os.close(write_end)
+    return result.returncode
+
+
+@pytest.mark.parametrize("style", ["sysexits", "qmail"])
+def test_a_reader_gone_from_stderr_never_changes_the_exit_code(clean_env: Dict[str, str], style: str) -> None:
+    env = {**relay_env(clean_env, "http://127.0.0.1:9/x"), "MAILBOX_RELAY_RETRY_FOR": "0"}
+    temporary, permanent = (75, 65) if style == "sysexits" else (111, 100)
+    args = ["deliver", "--exit-codes", style]
+    assert run_with_a_gone_reader(args, env, "stderr") == temporary  # connection refused
+    assert run_with_a_gone_reader(args, env, "stderr", stdin=b"not mail") == permanent
+    assert run_with_a_gone_reader([*args, "--bogus"], env, "stderr") == temporary  # a usage error
+
+
+def test_a_reader_gone_from_stdout_never_changes_the_exit_code(
+    clean_env: Dict[str, str], tmp_path: Path
+) -> None:
+    env = relay_env(clean_env, "http://127.0.0.1:9/x")
+    assert run_with_a_gone_reader(["check", "--json"], env, "stdout") == 69
+    assert run_with_a_gone_reader(["check"], env, "stdout") == 69
+    mbox = tmp_path / "in.mbox"
+    mbox.write_bytes(b"From a@b Mon Jan  1 00:00:00 2024\n" + SAMPLE)
+    assert run_with_a_gone_reader(["import", "--dry-run", "--json", str(mbox)], env, "stdout") == 0
+
+
+def test_stdin_closed_is_a_temporary_failure_in_one_line(clean_env: Dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", "deliver"],
+        env=relay_env(clean_env, "http://127.0.0.1:9/x"),
+        capture_output=True,
+        preexec_fn=lambda: os.close(0),
+        timeout=60,
+    )
+    assert result.returncode == 75
+    assert result.stderr == b"4.3.5 no message: stdin is closed; pipe the message in, or name a FILE\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict
@@ -170,3 +172,74 @@ def test_recipients_parse_like_fetchmail_passes_them() -> None:
 @pytest.mark.parametrize(("text", "size"), [("100", 100), ("25M", 25 * 1024**2), ("1k", 1024), (7, 7)])
 def test_sizes(text: Any, size: int) -> None:
     assert parse_size(text, "--max-size") == size
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("timeout", "nan"),
+        ("timeout", "inf"),
+        ("timeout", "1e999"),
+        ("timeout", "1e300"),
+        ("retry_for", "nan"),
+        ("retry_for", "-inf"),
+        ("rate", "nan"),
+        ("rate", "1e999"),
+        ("max_size", "1e999"),
+        ("max_size", "٣"),
+        ("max_size", "99999999999999999999G"),
+        ("timeout", "٣"),
+        ("jobs", "٣"),
+        ("jobs", "1e999"),
+    ],
+)
+def test_numbers_that_are_not_finite_sane_ascii_numbers_are_refused_from_every_source(
+    clean_env: Dict[str, str], tmp_path: Path, name: str, value: str
+) -> None:
+    from mailbox_relay.settings import FIELDS, ImportSettings, Layers, open_layers
+
+    field = FIELDS[name]
+    toml_value = value if re.fullmatch(r"-?(nan|inf|[0-9.e]+)", value) else json.dumps(value)
+    config = write_config(tmp_path / "c.toml", f"{name} = {toml_value}\n")
+    for layers in (
+        Layers({name: value}, {}),
+        Layers({}, {field.env[0]: value}),
+        open_layers({"config": config}, {}),
+    ):
+        with pytest.raises(ConfigError) as info:
+            layers.get(field)
+        assert "must be" in info.value.outcome.detail
+    assert ImportSettings.fields()  # the import fields are declared where Layers can find them
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"url": "https://[::1"}, "is not a URL"),
+        ({"url": "https://app.example.com:99999"}, "is not a URL"),
+        ({"url": "https://app.example.com:abc"}, "is not a URL"),
+        ({"url": "https://" + "a" * 64 + ".example.com"}, "1 to 63 characters"),
+        ({"url": URL, "ca_bundle": "/nonexistent/ca.pem"}, "CA bundle /nonexistent/ca.pem"),
+        ({"url": URL, "user_agent": "agent\nX-Injected: 1"}, "one line"),
+        ({"url": URL, "envelope_recipient": 5}, "address"),
+    ],
+)
+def test_garbage_settings_are_one_clear_line(
+    clean_env: Dict[str, str], options: Dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(options, {**clean_env, "MAILBOX_RELAY_PASSWORD": "x"})
+    assert words in info.value.outcome.detail
+
+
+def test_toml_that_is_not_utf8_or_holds_a_wrong_type_is_one_clear_line(
+    clean_env: Dict[str, str], tmp_path: Path
+) -> None:
+    env = {**clean_env, "MAILBOX_RELAY_PASSWORD": "x", "MAILBOX_RELAY_URL": URL}
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'user_agent = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load({"config": str(latin1)}, env)
+    wrong_type = write_config(tmp_path / "type.toml", "envelope_recipient = 5\n")
+    with pytest.raises(ConfigError, match=r"envelope_recipient in .* must be an address"):
+        load({"config": wrong_type}, env)

@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence
 import click
 
 from mailbox_relay import __version__
-from mailbox_relay.log import to_stderr
+from mailbox_relay.log import flush_or_mute, say, to_stderr
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, exit_code, internal_error
-from mailbox_relay.settings import CONFIG, EXIT_CODES, Layers, open_layers
+from mailbox_relay.settings import CONFIG, EXIT_CODES, Layers, PasswordFileWarning, open_layers
 
 # name -> "module:function". The order is the order of the top-level --help.
 COMMANDS: Dict[str, str] = {
@@ -110,7 +110,7 @@ def _usage_error(error: click.ClickException, args: Sequence[str]) -> Any:
 
 def _said(outcome: Outcome) -> Outcome:
     """The one line of a failure the boundary itself met (commands report their own)."""
-    click.echo(outcome.line(), err=True)
+    say(outcome.line())
     return outcome
 
 
@@ -123,6 +123,7 @@ def run(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] =
     args = sys.argv[1:] if argv is None else list(argv)
     environ = os.environ if environ is None else environ
     warnings.showwarning = _show_warning  # one line each, in our prefix (deliver records its own)
+    warnings.simplefilter("always", PasswordFileWarning)  # every run says it, not the first only
     try:
         result = cli.main(args=args, prog_name="mailbox-relay", standalone_mode=False)
     except click.ClickException as error:
@@ -137,4 +138,6 @@ def run(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] =
 
 
 def main(argv: Optional[List[str]] = None) -> NoReturn:
-    sys.exit(run(argv))
+    code = run(argv)
+    flush_or_mute()  # a reader that went away must not turn the exit code into 120 at shutdown
+    sys.exit(code)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from mailbox_relay.cli.options import settings_options, usage_errors
-from mailbox_relay.log import nowhere, to_stderr
+from mailbox_relay.log import mute, nowhere, say, to_stderr
 from mailbox_relay.outcome import Exit
 from mailbox_relay.settings import CONNECTION
 
@@ -25,7 +25,8 @@ Exit codes (for people and monitoring):
    0  ready
   77  password rejected (401/403)
   78  configuration: wrong path (404), redirect, missing URL/password, plain http
-  69  unreachable, TLS failure, timeout or 5xx
+  69  unreachable, TLS failure, timeout or 5xx (or check itself failed unexpectedly)
+  64  usage error (a wrong option or option value)
 """
 
 
@@ -33,14 +34,22 @@ Exit codes (for people and monitoring):
 @settings_options(CONNECTION)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def check(verbose: bool, as_json: bool, **options: Any) -> Exit:
-    from mailbox_relay.check import render, run_check
+    from mailbox_relay.check import crashed, render, run_check
 
-    with usage_errors():
-        report = run_check(options, os.environ, to_stderr if verbose else nowhere)
+    try:
+        with usage_errors():
+            report = run_check(options, os.environ, to_stderr if verbose else nowhere)
+    except click.ClickException:
+        raise
+    except Exception as error:  # check exits with its own codes only, even on a bug of ours
+        report = crashed(error)
     if as_json:
         import json
 
-        click.echo(json.dumps(report.as_json(), indent=2))
+        say(json.dumps(report.as_json(), indent=2), err=False)
     else:
-        render(report, sys.stdout)
+        try:
+            render(report, sys.stdout)
+        except (OSError, ValueError):  # the reader went away: the exit code still tells
+            mute(sys.stdout)
     return report.exit_code

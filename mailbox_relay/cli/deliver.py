@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import click
 
 from mailbox_relay.cli.options import settings_options
-from mailbox_relay.log import nowhere, to_stderr
+from mailbox_relay.log import nowhere, say, to_stderr
 from mailbox_relay.outcome import Outcome, Reason, internal_error
 from mailbox_relay.settings import CONNECTION, DELIVER, DELIVERY
 from mailbox_relay.signals import Interrupted, signals_interrupt
@@ -51,7 +51,9 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> Outcome:
     with signals_interrupt(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            outcome = deliver_message(options, os.environ, lambda: read_message(file, sys.stdin.buffer), log)
+            outcome = deliver_message(
+                options, os.environ, lambda: read_message(file, getattr(sys.stdin, "buffer", None)), log
+            )
         except Interrupted as signal_name:
             outcome = Outcome(
                 Reason.INTERRUPTED,
@@ -67,9 +69,9 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> Outcome:
 def _report(outcome: Outcome, notes: List[str], verbose: bool) -> None:
     """Nothing on success; on failure the one line, then any warnings (also with -v)."""
     if not outcome.delivered:
-        click.echo(outcome.line(), err=True)
+        say(outcome.line())
     if verbose or not outcome.delivered:
         for note in dict.fromkeys(notes):
-            click.echo(note, err=True)
+            say(note)
     if verbose and outcome.delivered:
-        click.echo("delivered", err=True)
+        say("delivered")

@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import click
 
 from mailbox_relay.cli.options import settings_options, usage_errors
-from mailbox_relay.log import nowhere, to_stderr
+from mailbox_relay.log import nowhere, say, to_stderr
 from mailbox_relay.outcome import Exit
 from mailbox_relay.settings import CONNECTION, DELIVERY, IMPORT
 
@@ -127,7 +127,7 @@ def import_(
                 verbose=verbose,
             )
     except RelayError as error:
-        click.echo(error.outcome.line(), err=True)
+        say(error.outcome.line())
         return Exit.TEMPFAIL
     except NotASource as error:
         to_stderr(str(error))
@@ -135,10 +135,10 @@ def import_(
     if as_json:
         import json
 
-        click.echo(json.dumps(summary.as_json(), indent=2))
+        say(json.dumps(summary.as_json(), indent=2), err=False)
     elif not quiet or summary.exit_code():
         for line in summary_lines(summary):
-            click.echo(line)
+            say(line, err=False)
     if summary.abandoned:
         # Worker processes still blocked in a post would be waited for at interpreter exit; the
         # user asked twice to stop and the journal is saved, so leave now.

@@ -17,8 +17,9 @@ import requests
 from mailbox_relay.ingress.answers import classify_error, classify_response, parse_retry_after
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.message import Prepared
-from mailbox_relay.outcome import Outcome
+from mailbox_relay.outcome import Outcome, Reason
 from mailbox_relay.settings import Settings
+from mailbox_relay.signals import DeadlinePassed, deadline
 
 RELAY_USER = "actionmailbox"
 
@@ -30,7 +31,9 @@ def make_session(settings: Settings) -> requests.Session:
     requests' `max_redirects = 0` would raise before we could read the Location.
     """
     session = requests.Session()
-    session.auth = (RELAY_USER, settings.password)
+    # As bytes: requests would encode a str password as Latin-1 (and fail on "€"), while Rails
+    # compares the UTF-8 bytes.
+    session.auth = requests.auth.HTTPBasicAuth(RELAY_USER.encode(), settings.password.encode("utf-8"))
     session.headers["User-Agent"] = settings.user_agent
     session.headers["Content-Type"] = "message/rfc822"
     # Read the environment (proxies, CA bundle) once here instead of on every post: requests
@@ -71,6 +74,9 @@ class Body:
         return bytes(chunk)
 
 
+ANSWER_CAP = 64 * 1024  # of any answer's body, read at most this much: enough for an error page
+
+
 def _post(
     session: requests.Session,
     settings: Settings,
@@ -78,19 +84,30 @@ def _post(
     size: int,
     headers: Optional[Dict[str, str]] = None,
 ) -> Tuple[Optional[int], Outcome]:
-    """The one `session.post` in the project: (HTTP status or None, its outcome)."""
-    try:
-        response = session.post(
-            settings.url,
-            data=data,
-            headers=headers,
-            timeout=settings.timeout,
-            allow_redirects=False,
-        )
-    except requests.RequestException as error:
-        return None, classify_error(error, settings.endpoint, settings.timeout)
-    with response:
-        return response.status_code, classify_response(
+    """The one `session.post` in the project: (HTTP status or None, its outcome).
+
+    --timeout bounds the whole attempt, and the status line decides: a 2xx is delivered
+    whatever its body does afterwards (never ends, is not valid gzip, ...).
+    """
+    with deadline(settings.timeout):
+        try:
+            response = session.post(
+                settings.url,
+                data=data,
+                headers=headers,
+                timeout=settings.timeout,
+                allow_redirects=False,
+                stream=True,  # the body is read by _drain, capped, never whole
+            )
+        except requests.RequestException as error:
+            return None, classify_error(error, settings.endpoint, settings.timeout)
+        except DeadlinePassed:
+            return None, Outcome(
+                Reason.TIMEOUT,
+                f"ingress at {settings.endpoint.host_port} did not answer within {settings.timeout:g}s: "
+                "raise --timeout if the app is slow",
+            )
+        outcome = classify_response(
             response.status_code,
             url=settings.url,
             location=response.headers.get("Location"),
@@ -98,6 +115,24 @@ def _post(
             password_source=settings.password_source,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
         )
+        _drain(response)
+    return response.status_code, outcome
+
+
+def _drain(response: requests.Response) -> None:
+    """Read what is left of a short answer, so keep-alive can reuse the connection; close the
+    connection instead if the answer is long, endless, broken or slow. Never raises."""
+    try:
+        left = ANSWER_CAP
+        while left > 0:
+            chunk = response.raw.read(min(left, 16384), decode_content=False)
+            if not chunk:
+                return  # complete: urllib3 has put the connection back in the pool
+            left -= len(chunk)
+    except (Exception, DeadlinePassed):  # the status line already decided the outcome
+        pass
+    finally:
+        response.close()  # closes the connection only if the body was not read to its end
 
 
 STREAM_FROM = 1024 * 1024  # smaller messages are sent as one bytes object: one send, no read loop
@@ -188,9 +223,11 @@ def post_with_retry(
             pacer.after(outcome)
         if outcome.delivered or not outcome.reason.retry:
             return outcome.after(attempt, clock.now() - started)
-        wait = backoff.delay(attempt) if outcome.retry_after is None else outcome.retry_after
+        # The server's Retry-After, but never less than our own backoff: "Retry-After: 0" or a
+        # date in the past must not turn the loop into a flood of posts.
+        wait = max(backoff.delay(attempt), outcome.retry_after or 0.0)
         if clock.now() + wait > deadline:
-            if outcome.retry_after is not None:
+            if outcome.retry_after is not None and outcome.retry_after >= wait:
                 outcome = Outcome(
                     outcome.reason,
                     f"{outcome.detail} (it asked to wait {wait:.0f}s, past --retry-for)",
