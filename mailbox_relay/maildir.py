@@ -1,6 +1,7 @@
 """A Maildir writer that stores each distinct message once (tmp/, fsync, rename into new/).
 
 Used by `serve` (where deduplication mirrors Rails' unique index) and by `import --failed-dir`.
+Stored messages are mail: files are 0600 and the directories it creates 0700.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ class MaildirWriter:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        os.makedirs(path, mode=0o700, exist_ok=True)  # (parents it creates get the usual mode)
         for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(path, sub), exist_ok=True)
+            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._keys: Set[str] = {self._key_of(name) for sub in ("new", "cur") for name in self._list(sub)}
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
@@ -45,7 +47,7 @@ class MaildirWriter:
 
     def _write(self, name: str, raw: bytes) -> None:
         temporary = os.path.join(self.path, "tmp", name)
-        with open(temporary, "wb") as handle:
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             handle.write(raw)
             handle.flush()
             os.fsync(handle.fileno())

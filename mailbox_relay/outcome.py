@@ -19,6 +19,7 @@ class Exit(enum.IntEnum):
     NOINPUT = 66  # EX_NOINPUT: an import input cannot be read
     UNAVAILABLE = 69  # EX_UNAVAILABLE: check: the ingress cannot be reached
     SOFTWARE = 70  # EX_SOFTWARE: check: an internal error
+    CANTCREAT = 73  # EX_CANTCREAT: serve: the Maildir cannot be created
     TEMPFAIL = 75  # EX_TEMPFAIL: may work later; the only code every MTA defers on
     NOPERM = 77  # EX_NOPERM: check: the password was rejected
     CONFIG = 78  # EX_CONFIG: check: a setting is wrong

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hmac
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from mailbox_relay.endpoint import RELAY_PATH
 from mailbox_relay.log import Log
@@ -31,15 +31,26 @@ def _authorized(header: Optional[str], password: str) -> bool:
     return hmac.compare_digest(f"{user}:{given}".encode(), expected)
 
 
+MAX_BODY = 1024**3  # larger bodies are refused (413) unread: no message is that big
+_READ = 1024 * 1024  # the body is read in pieces of this size, so a lying Content-Length costs nothing
+
+
+class _Refused(Exception):
+    """A request that is refused before its body is read: (status, reason for the log)."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
 def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHTTPRequestHandler]:
     class RelayHandler(BaseHTTPRequestHandler):
         server_version = "mailbox-relay-serve"
         protocol_version = "HTTP/1.1"  # keep-alive, as puma does
 
         def do_POST(self) -> None:
-            body = self._read_body()
-            if body is None:  # the client went away mid-body: store nothing, answer nobody
-                self.close_connection = True
+            body = self._body()
+            if body is None:
                 return
             if self.path.split("?")[0] != RELAY_PATH:
                 return self._answer(404, "Not Found\n", len(body))
@@ -54,41 +65,82 @@ def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHT
             self._answer(204, "", len(body), note=f"new/{name}" if stored else "duplicate, not stored")
 
         def _not_routed(self) -> None:
-            if self._read_body() is not None:
+            """Every other method, on any path: Rails routes none of them here (404)."""
+            if self._body() is not None:
                 self._answer(404, "Not Found\n", 0)
 
-        do_GET = do_PUT = do_DELETE = do_PATCH = _not_routed
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("do_"):  # HEAD, OPTIONS, TRACE, PROPFIND, ...: not 501, but 404
+                return self._not_routed
+            raise AttributeError(name)
 
-        def _read_body(self) -> Optional[bytes]:
-            """The whole body, or None if the connection ended before all of it arrived."""
+        def _body(self) -> Optional[bytes]:
+            """The whole body; None (after answering or logging) if there is none to act on."""
             try:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    return self._read_chunked()
-                length = int(self.headers.get("Content-Length") or 0)
-            except (ValueError, OSError):
-                return None
-            body = self.rfile.read(length)
-            return body if len(body) == length else None
+                return self._read_body()
+            except _Refused as refused:
+                self.close_connection = True
+                self._answer(refused.status, f"{refused}\n", 0, note=str(refused))
+            except (OSError, ValueError) as error:  # the client went away mid-body: store nothing
+                self.close_connection = True
+                where = f"{self.client_address[0]} {self.command} {self.path}"
+                log(f"{where}: no complete body ({error}); nothing stored")
+            return None
+
+        def _read_body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                return self._read_chunked()
+            return self._read_exactly(self._content_length())
+
+        def _content_length(self) -> int:
+            values = {
+                value.strip()
+                for line in self.headers.get_all("Content-Length") or []
+                for value in line.split(",")
+            }
+            if len(values) > 1:  # which one is true? Rails' puma refuses too
+                raise _Refused(400, "conflicting Content-Length headers")
+            text = values.pop() if values else "0"
+            if not (text.isascii() and text.isdigit()):
+                raise _Refused(400, f"Content-Length {text!r} is not a number")
+            if int(text) > MAX_BODY:
+                raise _Refused(413, f"Content-Length {text} is more than serve accepts ({MAX_BODY} bytes)")
+            return int(text)
+
+        def _read_exactly(self, length: int) -> bytes:
+            pieces: List[bytes] = []
+            left = length
+            while left:
+                piece = self.rfile.read(min(left, _READ))
+                if not piece:
+                    raise OSError(f"connection closed after {length - left} of {length} bytes")
+                pieces.append(piece)
+                left -= len(piece)
+            return b"".join(pieces)
 
         def _read_chunked(self) -> bytes:
             chunks: List[bytes] = []
+            total = 0
             while True:
-                line = self.rfile.readline()
+                line = self.rfile.readline(1024)
                 if not line:
                     raise OSError("connection closed before the last chunk")
-                size = int(line.split(b";")[0].strip(), 16)
+                try:
+                    size = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise _Refused(400, "a malformed chunk size") from None
+                total += size
+                if total > MAX_BODY:
+                    raise _Refused(413, f"a chunked body of more than {MAX_BODY} bytes")
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(chunks)
-                chunk = self.rfile.read(size)
-                if len(chunk) < size:
-                    raise OSError("connection closed mid-chunk")
-                chunks.append(chunk)
-                self.rfile.readline()
+                chunks.append(self._read_exactly(size))
+                self.rfile.readline(1024)
 
         def _answer(self, status: int, text: str, size: int, authenticate: str = "", note: str = "") -> None:
-            payload = text.encode()
+            payload = b"" if self.command == "HEAD" else text.encode()
             # Logged before answering, so a client that saw the answer also sees its log line.
             log(f"{self.client_address[0]} {self.command} {self.path} {status} {size} bytes {note}".rstrip())
             self.send_response_only(status)
@@ -98,6 +150,8 @@ def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHT
             if payload:
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(payload)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(payload)
 
@@ -110,7 +164,17 @@ def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHT
 class RelayServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    log: Log
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One line, never a traceback: a client that resets or lies is not our bug."""
+        import sys
+
+        error = sys.exc_info()[1]
+        self.log(f"{client_address[0]}: request failed ({type(error).__name__}: {error})")
 
 
 def make_server(host: str, port: int, password: str, maildir: MaildirWriter, log: Log) -> RelayServer:
-    return RelayServer((host, port), make_handler(password, maildir, log))
+    server = RelayServer((host, port), make_handler(password, maildir, log))
+    server.log = log
+    return server

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -265,3 +266,104 @@ def test_serve_reads_its_password_from_a_file(tmp_path: Path, clean_env: Dict[st
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(10)
+
+
+HEAD = (
+    b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+    b"Authorization: Basic YWN0aW9ubWFpbGJveDpwdw==\r\nContent-Type: message/rfc822\r\n"
+)
+
+
+def raw_request(serve: LocalServe, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [b"Content-Length: 9\r\nContent-Length: %d\r\n", b"Content-Length: 9, %d\r\n"],
+    ids=["two headers", "one list"],
+)
+def test_conflicting_content_lengths_are_refused_and_nothing_is_stored(
+    serve: LocalServe, lengths: bytes
+) -> None:
+    answer = raw_request(serve, HEAD + lengths % len(MESSAGE) + b"\r\n" + MESSAGE)
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert stored(serve) == []
+    assert "conflicting Content-Length" in serve.lines[-1]
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "TRACE", "PROPFIND", "GET", "DELETE"])
+def test_every_other_method_gets_404_as_in_rails(serve: LocalServe, method: str) -> None:
+    response = requests.request(method, serve.url, auth=AUTH, timeout=10)
+    assert response.status_code == 404
+    assert stored(serve) == []
+
+
+def test_a_huge_content_length_or_a_reset_is_one_log_line_and_no_traceback(
+    tmp_path: Path, clean_env: Dict[str, str]
+) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mailbox_relay",
+            "serve",
+            "--port",
+            str(port),
+            "--maildir",
+            str(tmp_path / "in"),
+        ],
+        env={**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"},
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        assert b"listening" in process.stderr.readline()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(HEAD + b"Content-Length: %d\r\n\r\n" % 10**15 + b"x" * 100)
+            assert conn.recv(100).startswith(b"HTTP/1.1 413")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(HEAD + b"Content-Length: 1000\r\n\r\n" + b"x" * 100)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+    log = process.stderr.read().decode()
+    assert "Traceback" not in log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert any(" 413 " in line for line in lines)
+    assert any("no complete body" in line for line in lines)
+    assert all(line.startswith("mailbox-relay: ") for line in lines), lines
+    assert not (tmp_path / "in" / "new").exists() or os.listdir(tmp_path / "in" / "new") == []
+
+
+def test_a_maildir_under_a_regular_file_is_named(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", "serve", "--port", "0", "--maildir", str(blocker / "inbox")],
+        env={**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"},
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 73
+    assert result.stderr.decode().startswith(f"mailbox-relay: cannot use {blocker / 'inbox'} as a Maildir")
+    assert b"listen" not in result.stderr
+
+
+def test_stored_mail_is_private(serve: LocalServe) -> None:
+    assert requests.post(serve.url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10).status_code == 204
+    root = Path(serve.maildir.path)
+    assert {oct(os.stat(root / sub).st_mode & 0o777) for sub in ("", "tmp", "new", "cur")} == {"0o700"}
+    (message,) = (root / "new").iterdir()
+    assert oct(message.stat().st_mode & 0o777) == "0o600"

@@ -16,11 +16,21 @@ HELP = """Run a local relay ingress that answers exactly like Action Mailbox's.
 
 POST /rails/action_mailbox/relay/inbound_emails with Basic auth (user actionmailbox) and
 Content-Type message/rfc822 gets 204 and the exact bytes land in the Maildir (tmp/, fsync,
-new/); a byte-identical re-post answers 204 and is not stored twice, as in Rails. Anything
-else gets what Rails answers: 404 (other paths), 401, 415, or 422 for an empty body.
+new/, files 0600); a byte-identical re-post answers 204 and is not stored twice, as in
+Rails. Anything else gets what Rails answers: 404 (other paths and methods), 401, 415, or 422
+for an empty body; a request with conflicting Content-Length headers gets 400 and stores
+nothing.
 
 The password comes from MAILBOX_RELAY_PASSWORD, INGRESS_PASSWORD, --password-file or the
 config file; serve refuses to start without one. Logs one line per request on stderr.
+
+\b
+Exit codes:
+   0  stopped with Ctrl-C
+  78  no password
+  73  the Maildir cannot be created
+  69  cannot listen on --host/--port
+  64  usage error
 """
 
 
@@ -48,10 +58,16 @@ def serve(host: str, port: int, maildir: str, **options: Any) -> Exit:
             password = open_layers(options, os.environ).password()[0]
         if password is None:
             raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
-        server = make_server(host, port, password, MaildirWriter(maildir), to_stderr)
     except ConfigError as error:
         to_stderr(error.outcome.detail)
         return Exit.CONFIG
+    try:
+        inbox = MaildirWriter(maildir)
+    except OSError as error:
+        to_stderr(f"cannot use {maildir} as a Maildir: {error.strerror or error}; pass --maildir DIR")
+        return Exit.CANTCREAT
+    try:
+        server = make_server(host, port, password, inbox, to_stderr)
     except OSError as error:
         to_stderr(f"cannot listen on {host}:{port}: {error.strerror}")
         return Exit.UNAVAILABLE
