@@ -64,7 +64,7 @@ def message_date(header: Sequence[bytes]) -> Optional[datetime]:
     for value in field_values(header, b"date"):
         try:
             date = parsedate_to_datetime(value.decode("ascii", "replace"))
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # junk, or a year out of range
             return None
         return date if date.tzinfo else date.replace(tzinfo=timezone.utc)
     return None

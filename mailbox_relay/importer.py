@@ -5,14 +5,21 @@ processes post with the same session factory and retry loop as `deliver` (see wo
 At most `2 x jobs` messages are held at once, so memory stays flat whatever the input size.
 Finished deliveries are journaled in one transaction per batch, so a rerun after a crash
 re-sends at most what was in flight.
+
+Nothing about one message or one input stops the run: an unreadable file, a damaged archive or
+an invalid message is counted, named in the summary, and the run goes on. The run stops early
+only on a signal, or when the ingress answers in a way no other message will change (a wrong
+password, a wrong URL, TLS): then the journal is kept and a rerun after the fix resumes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -21,17 +28,20 @@ from mailbox_relay.journal import Journal, default_path
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, body_start, header_lines, prepare
-from mailbox_relay.outcome import InvalidMessage, Outcome, Reason
+from mailbox_relay.outcome import InvalidMessage, Outcome, Reason, UsageError
 from mailbox_relay.progress import NoProgress, Progress, Summary
 from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers, settings_from
 from mailbox_relay.signals import stop_signals
-from mailbox_relay.sources import Source, detect
+from mailbox_relay.sources import DamagedInput, NotASource, Source, Unreadable, detect, printable
 from mailbox_relay.workers import deliver_batch, start_workers
 
 BATCH_SECONDS = 0.05  # a worker's task is about this much posting,
 BATCH_MESSAGES = 16  # and never more than this many messages or BATCH_BYTES
 BATCH_BYTES = 1024 * 1024
 MAX_LISTED_FAILURES = 1000  # the summary names this many; the counts cover them all
+STOP_AFTER_SYSTEMIC = 3  # this many answers in a row that every message would get: stop
+
+Results = Tuple[List[Outcome], float]
 
 
 @dataclass
@@ -40,6 +50,7 @@ class Item:
     key: str
     prepared: Prepared
     sha256: str
+    position: int  # where the input had been read to when this message was: for progress
 
 
 class Importer:
@@ -54,7 +65,7 @@ class Importer:
         pool: Optional[Executor],
         filters: Optional[Filters] = None,
         journal: Optional[Journal] = None,
-        failed_dir: Optional[str] = None,
+        failed: Optional[MaildirWriter] = None,
         progress: Optional[Progress] = None,
         log: Log = nowhere,
     ) -> None:
@@ -63,37 +74,41 @@ class Importer:
         self.pool = pool
         self.filters = filters or Filters()
         self.journal = journal
-        self.failed = MaildirWriter(failed_dir) if failed_dir else None
+        self.failed = failed
         self.progress = progress or NoProgress()
         self.log = log
-        self.summary = Summary(dry_run=pool is None)
-        self._pending: Dict[Future[Tuple[List[Outcome], float]], List[Item]] = {}
+        self.summary = Summary(dry_run=pool is None, failed_dir=failed.path if failed else None)
+        self._pending: Dict[Future[Results], List[Item]] = {}
         self._seconds_per_message = 1.0  # measured as batches come back
         self._batch: List[Item] = []
         self._batch_bytes = 0
         self._total_bytes = 0
-        self._done_bytes = 0
+        self._read_bytes = 0  # of the inputs finished before the current one
         self._signals = 0
+        self._systemic_in_a_row = 0
 
     # --- reading --------------------------------------------------------------------------
 
     def run(self, sources: Sequence[Source]) -> Summary:
         self._total_bytes = sum(source.size() for source in sources)
-        pool = self.pool
         try:
             with stop_signals(self._signalled):
                 for source in sources:
-                    self.summary.sources.append({"path": source.path, "kind": source.kind})
-                    self._read(source, pool)
-                    self._done_bytes += source.size()
-                    if self._signals:
+                    self.summary.sources.append({"path": printable(source.path), "kind": source.kind})
+                    self._read_input(source)
+                    self._read_bytes += source.size()
+                    if self._stopping:
                         break
                 self._drain()
         finally:
-            if pool is not None:
-                pool.shutdown(wait=not self._pending, cancel_futures=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=not self._pending, cancel_futures=True)
             self.progress.close(self.summary)
         return self.summary
+
+    @property
+    def _stopping(self) -> bool:
+        return bool(self._signals or self.summary.stopped)
 
     def _signalled(self) -> None:
         """Ctrl-C, SIGTERM or SIGHUP: stop reading; a second one abandons in-flight posts.
@@ -103,23 +118,47 @@ class Importer:
         self._signals += 1
         self.summary.interrupted = True
 
-    def _read(self, source: Source, pool: Optional[Executor]) -> None:
+    def _read_input(self, source: Source) -> None:
+        """One input; if it breaks off or cannot be read, say where, and go on with the next."""
+        try:
+            self._read(source)
+        except DamagedInput as damage:
+            self._input_problem(source.path, str(damage), damage.offset)
+        except OSError as error:  # a directory that vanished or cannot be listed
+            self._input_problem(source.path, f"cannot read it ({error.strerror or error})")
+        if self.pool is not None and self._batch and not self._stopping:
+            self._submit(self.pool)
+
+    def _input_problem(self, path: str, problem: str, offset: Optional[int] = None) -> None:
+        self.summary.damaged.append({"path": printable(path), "problem": problem, "offset": offset})
+        self.log(f"{printable(path)}: {problem}; the messages before it were read")
+
+    def _read(self, source: Source) -> None:
         for key, raw in source.messages():
-            if self._signals:
+            if self._stopping:
                 return
             self.summary.messages += 1
-            item = self._admit(source.path, key, raw)
-            if item is not None and pool is not None:
+            position = self._read_bytes + source.position()
+            if isinstance(raw, Unreadable):
+                self.summary.unreadable += 1
+                self._failure(source.path, key, b"", Outcome(Reason.UNREADABLE, raw.reason))
+                continue
+            item = self._admit(source.path, key, raw, position)
+            if item is not None and self.pool is not None:
                 self._throttle()
                 self._batch.append(item)
                 self._batch_bytes += item.prepared.size
                 if self._batch_full():
-                    self._submit(pool)
+                    self._submit(self.pool)
             elif item is not None:
                 self.summary.delivered += 1  # dry run: counted as deliverable
-            self.progress.update(self.summary, self._done_bytes + source.position(), self._total_bytes)
-        if pool is not None and self._batch and not self._signals:
-            self._submit(pool)
+            self.progress.update(self.summary, self._done_position(position), self._total_bytes)
+
+    def _done_position(self, read_position: int) -> int:
+        """How far delivery (not reading) has got: up to the oldest message still in flight."""
+        waiting = [item.position for items in self._pending.values() for item in items]
+        waiting += [item.position for item in self._batch]
+        return min(waiting) if waiting else read_position
 
     def _batch_full(self) -> bool:
         """Messages travel to the workers in batches of about BATCH_SECONDS of posting: one task
@@ -135,13 +174,19 @@ class Importer:
         )
 
     def _submit(self, pool: Executor) -> None:
-        while len(self._pending) >= 2 * self.settings.jobs and not self._signals:
+        while len(self._pending) >= 2 * self.settings.jobs and not self._stopping:
             self._collect(everything=False)
-        payloads = [item.prepared.to_bytes() for item in self._batch]
-        self._pending[pool.submit(deliver_batch, payloads)] = self._batch
-        self._batch, self._batch_bytes = [], 0
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        try:
+            self._pending[pool.submit(deliver_batch, [item.prepared.to_bytes() for item in batch])] = batch
+        except (BrokenProcessPool, RuntimeError) as error:  # a worker was killed: stop, say why
+            lost = Outcome(Reason.INTERNAL, f"a worker process died ({type(error).__name__}); run again")
+            self.summary.stopped = lost.line()
+            for item in batch:
+                self.summary.failed += 1
+                self._failure(item.source, item.key, _message(item.prepared), lost)
 
-    def _admit(self, source: str, key: str, raw: bytes) -> Optional[Item]:
+    def _admit(self, source: str, key: str, raw: bytes, position: int) -> Optional[Item]:
         """Validate, filter and check the journal; None if this message is not to be sent."""
         try:
             prepared = prepare(
@@ -155,10 +200,10 @@ class Importer:
             self.summary.filtered += 1
             return None
         if self.pool is None:  # a dry run: no journal to ask
-            return Item(source, key, prepared, "")
+            return Item(source, key, prepared, "", position)
         digest = hashlib.sha256(prepared.prefix)
         digest.update(prepared.parts()[1])
-        item = Item(source, key, prepared, digest.hexdigest())
+        item = Item(source, key, prepared, digest.hexdigest(), position)
         if self.journal is not None and self.journal.delivered(source, key, item.sha256):
             self.summary.already += 1
             return None
@@ -185,29 +230,42 @@ class Importer:
                 if not everything:
                     return
 
-    def _record(self, done: Iterable[Future[Tuple[List[Outcome], float]]]) -> None:
+    def _record(self, done: Iterable[Future[Results]]) -> None:
         rows = []
         for future in done:
             items = self._pending.pop(future)
             outcomes, seconds = _results(future, len(items))
             self._seconds_per_message = 0.7 * self._seconds_per_message + 0.3 * seconds / len(items)
             for item, outcome in zip(items, outcomes):
+                self._watch_for_systemic(outcome)
                 if outcome.delivered:
                     self.summary.delivered += 1
                     self.summary.bytes_sent += item.prepared.size
                     rows.append((item.source, item.key, item.sha256))
                 else:
                     self.summary.failed += 1
-                    self._failure(item.source, item.key, item.prepared.raw[item.prepared.start :], outcome)
+                    self._failure(item.source, item.key, _message(item.prepared), outcome)
         if self.journal is not None and rows:
             self.journal.record(rows)  # one transaction per batch of finished deliveries
+
+    def _watch_for_systemic(self, outcome: Outcome) -> None:
+        """Stop after a few answers that every other message would get too (401, 404, TLS...):
+        sending thousands of posts into a wrong password is an attack, not an import."""
+        if outcome.delivered or not outcome.reason.systemic:
+            self._systemic_in_a_row = 0
+            return
+        self._systemic_in_a_row += 1
+        if self._systemic_in_a_row >= STOP_AFTER_SYSTEMIC and not self.summary.stopped:
+            self.summary.stopped = outcome.line()
+            self.log(f"stopping: every message would fail the same way: {outcome.line()}")
 
     def _failure(self, source: str, key: str, raw: bytes, outcome: Outcome) -> None:
         reason = outcome.line().split(" [")[0]
         self.summary.reasons[reason] += 1
-        record = {"source": source, "key": key, "reason": outcome.line()}
+        record = {"source": printable(source), "key": printable(key), "reason": outcome.line()}
         if self.failed is not None and raw:
             record["saved_as"] = self.failed.store(raw)[1]
+            self.summary.saved += 1
         if len(self.summary.failures) < MAX_LISTED_FAILURES:
             self.summary.failures.append(record)
 
@@ -224,12 +282,53 @@ class Importer:
         return sum(len(items) for items in self._pending.values())
 
 
-def _results(future: Future[Tuple[List[Outcome], float]], count: int) -> Tuple[List[Outcome], float]:
+def _message(prepared: Prepared) -> bytes:
+    """The message as read (no added headers): what --failed-dir keeps."""
+    return prepared.raw[prepared.start :]
+
+
+def _results(future: Future[Results], count: int) -> Results:
     try:
         return future.result()
     except Exception as error:  # a worker crash must count as failures, never stop the import
         failed = Outcome(Reason.INTERNAL, f"internal error ({type(error).__name__}: {error})")
         return [failed] * count, 0.0
+
+
+def open_sources(
+    paths: Sequence[str], *, mboxrd: bool, log: Log
+) -> Tuple[List[Source], List[Dict[str, Any]]]:
+    """Every input under PATHs, and the PATHs that are none (missing, unreadable, unknown)."""
+    sources: List[Source] = []
+    problems: List[Dict[str, Any]] = []
+    for path in paths:
+        try:
+            found = detect(os.path.realpath(path), mboxrd=mboxrd)
+        except NotASource as error:
+            problems.append({"path": printable(path), "problem": str(error), "offset": None})
+            log(str(error))
+            continue
+        for source in found:
+            log(f"{printable(source.path)}: reading as {source.kind}")
+        sources += found
+    return sources, problems
+
+
+def open_journal(path: str) -> Journal:
+    try:
+        return Journal(path)
+    except (OSError, sqlite3.Error) as error:
+        raise UsageError(
+            f"cannot open the journal {printable(path)} ({error}): pass --state with a writable path, "
+            "or --no-state"
+        ) from None
+
+
+def open_failed_dir(path: Optional[str]) -> Optional[MaildirWriter]:
+    try:
+        return MaildirWriter(path) if path else None
+    except OSError as error:
+        raise UsageError(f"cannot use --failed-dir {path} as a Maildir ({error.strerror or error})") from None
 
 
 def run_import(
@@ -249,7 +348,7 @@ def run_import(
 ) -> Summary:
     """Resolve settings, open the inputs and the journal, and run the import.
 
-    Raises ConfigError for bad settings and NotASource for an input it cannot read.
+    Raises ConfigError for bad settings (UsageError for a bad option or --state).
     """
     layers = open_layers(options, environ)
     settings = ImportSettings.resolve(layers)
@@ -258,28 +357,27 @@ def run_import(
     if verbose:
         for line in [*settings.describe(), *(delivery or message).describe()]:
             log(line)
-    mboxrd = settings.mbox_format == "mboxrd"
-    sources = [detect(os.path.realpath(path), mboxrd=mboxrd) for path in paths]
-    for source in sources:
-        log(f"{source.path}: reading as {source.kind}")
+    failed = open_failed_dir(failed_dir)
+    sources, problems = open_sources(paths, mboxrd=settings.mbox_format == "mboxrd", log=log)
     journal = None
     if use_state and delivery is not None:
-        journal = Journal(settings.state or default_path(environ))
+        journal = open_journal(settings.state or default_path(environ))
         for source in sources:
             if restart:
-                log(f"{source.path}: forgot {journal.forget(source.path)} earlier deliveries (--restart)")
+                forgot = journal.forget(source.path)
+                log(f"{printable(source.path)}: forgot {forgot} earlier deliveries (--restart)")
     try:
-        pool = None if delivery is None else start_workers(delivery, settings.jobs, quiet)
         importer = Importer(
             settings,
             message,
-            pool=pool,
+            pool=None if delivery is None else start_workers(delivery, settings.jobs, quiet),
             filters=filters,
             journal=journal,
-            failed_dir=failed_dir,
+            failed=failed,
             progress=progress,
             log=log,
         )
+        importer.summary.damaged += problems
         return importer.run(sources)
     finally:
         if journal is not None:

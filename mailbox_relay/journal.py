@@ -13,6 +13,8 @@ import sqlite3
 import time
 from typing import Iterable, Mapping, Tuple
 
+from mailbox_relay.sources import printable
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delivered (
     source TEXT NOT NULL,
@@ -30,6 +32,8 @@ def default_path(environ: Mapping[str, str]) -> str:
 
 
 class Journal:
+    """Names are stored as `printable` text: SQLite takes no lone surrogates (non-UTF-8 names)."""
+
     def __init__(self, path: str) -> None:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -41,7 +45,7 @@ class Journal:
 
     def delivered(self, source: str, key: str, sha256: str) -> bool:
         row = self._db.execute(
-            "SELECT sha256 FROM delivered WHERE source = ? AND key = ?", (source, key)
+            "SELECT sha256 FROM delivered WHERE source = ? AND key = ?", (printable(source), printable(key))
         ).fetchone()
         return row is not None and row[0] == sha256
 
@@ -52,12 +56,12 @@ class Journal:
             self._db.execute("BEGIN")
             self._db.executemany(
                 "INSERT OR REPLACE INTO delivered VALUES (?, ?, ?, ?)",
-                [(source, key, sha, now) for source, key, sha in rows],
+                [(printable(source), printable(key), sha, now) for source, key, sha in rows],
             )
 
     def forget(self, source: str) -> int:
         with self._db:
-            return self._db.execute("DELETE FROM delivered WHERE source = ?", (source,)).rowcount
+            return self._db.execute("DELETE FROM delivered WHERE source = ?", (printable(source),)).rowcount
 
     def close(self) -> None:
         self._db.close()

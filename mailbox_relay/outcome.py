@@ -34,34 +34,37 @@ class Kind(enum.Enum):
 
 
 class Reason(enum.Enum):
-    """Rows of the table: (enhanced status code, kind, retry within this run?, check exit code)."""
+    """Rows of the table: enhanced status code, kind, retry within this run?, check's exit code,
+    and systemic: would every other message fail the same way (so a bulk run should stop)?"""
 
-    DELIVERED = ("2.0.0", Kind.DELIVERED, False, Exit.OK)
-    INVALID_MESSAGE = ("5.6.0", Kind.PERMANENT, False, Exit.DATAERR)
-    TOO_BIG = ("5.3.4", Kind.PERMANENT, False, Exit.DATAERR)
-    CONFIG = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
-    NOT_FOUND = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
-    REDIRECT = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
-    WRONG_MEDIA_TYPE = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
-    NOT_ACTION_MAILBOX = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG)
-    AUTH = ("4.7.0", Kind.TEMPORARY, False, Exit.NOPERM)
-    FORBIDDEN = ("4.7.1", Kind.TEMPORARY, False, Exit.NOPERM)
-    INGRESS_LIMIT = ("4.3.4", Kind.TEMPORARY, False, Exit.UNAVAILABLE)
-    CLIENT_ERROR = ("4.3.0", Kind.TEMPORARY, False, Exit.UNAVAILABLE)
-    BUSY = ("4.4.5", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
-    SERVER_ERROR = ("4.3.0", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
-    UNREACHABLE = ("4.4.1", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
-    NETWORK = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
-    TIMEOUT = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE)
-    TLS = ("4.7.5", Kind.TEMPORARY, False, Exit.UNAVAILABLE)
-    INTERRUPTED = ("4.3.0", Kind.TEMPORARY, False, Exit.TEMPFAIL)
-    INTERNAL = ("4.3.0", Kind.TEMPORARY, False, Exit.SOFTWARE)
+    DELIVERED = ("2.0.0", Kind.DELIVERED, False, Exit.OK, False)
+    INVALID_MESSAGE = ("5.6.0", Kind.PERMANENT, False, Exit.DATAERR, False)
+    TOO_BIG = ("5.3.4", Kind.PERMANENT, False, Exit.DATAERR, False)
+    UNREADABLE = ("4.3.0", Kind.TEMPORARY, False, Exit.NOINPUT, False)  # import: a file vanished...
+    CONFIG = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG, True)
+    NOT_FOUND = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG, True)
+    REDIRECT = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG, True)
+    WRONG_MEDIA_TYPE = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG, True)
+    NOT_ACTION_MAILBOX = ("4.3.5", Kind.TEMPORARY, False, Exit.CONFIG, True)
+    AUTH = ("4.7.0", Kind.TEMPORARY, False, Exit.NOPERM, True)
+    FORBIDDEN = ("4.7.1", Kind.TEMPORARY, False, Exit.NOPERM, True)
+    INGRESS_LIMIT = ("4.3.4", Kind.TEMPORARY, False, Exit.UNAVAILABLE, False)
+    CLIENT_ERROR = ("4.3.0", Kind.TEMPORARY, False, Exit.UNAVAILABLE, False)
+    BUSY = ("4.4.5", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
+    SERVER_ERROR = ("4.3.0", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
+    UNREACHABLE = ("4.4.1", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
+    NETWORK = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
+    TIMEOUT = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
+    TLS = ("4.7.5", Kind.TEMPORARY, False, Exit.UNAVAILABLE, True)
+    INTERRUPTED = ("4.3.0", Kind.TEMPORARY, False, Exit.TEMPFAIL, False)
+    INTERNAL = ("4.3.0", Kind.TEMPORARY, False, Exit.SOFTWARE, False)
 
-    def __init__(self, code: str, kind: Kind, retry: bool, check_code: Exit) -> None:
+    def __init__(self, code: str, kind: Kind, retry: bool, check_code: Exit, systemic: bool) -> None:
         self.code = code
         self.kind = kind
         self.retry = retry
         self.check_code = check_code
+        self.systemic = systemic
 
 
 class Outcome:

@@ -9,7 +9,9 @@ parent; a message travels to a worker as the exact bytes to send.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, List, Tuple
@@ -82,9 +84,35 @@ class _Worker:
     session: Any = None
 
 
-def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool) -> None:
-    # Ctrl-C reaches the whole process group; the parent decides whether in-flight posts finish.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _die_with(parent: int) -> None:
+    """A worker must never outlive the import (kill -9 of it, a double Ctrl-C): orphans would
+    hold its stdout and stderr open for as long as a post can take. On Linux the kernel kills
+    the worker when its parent dies; elsewhere a thread watches for the parent to go."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # it died before the kernel was told
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool, parent: int) -> None:
+    _die_with(parent)
+    # A signal reaches the whole process group (Ctrl-C, systemd's SIGTERM): the parent alone
+    # decides, finishing in-flight posts and printing the summary; workers carry on until told.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     pacer.log = to_stderr if verbose else nowhere
     _Worker.settings = settings
     _Worker.pacer = pacer
@@ -98,10 +126,15 @@ def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
     started = time.monotonic()
     if _Worker.session is None:  # one keep-alive session per worker process
         _Worker.session = make_session(_Worker.settings)
-    outcomes = [
-        post_with_retry(_Worker.session, _Worker.settings, Prepared(payload, 0, b""), pacer=_Worker.pacer)
-        for payload in payloads
-    ]
+    outcomes: List[Outcome] = []
+    for payload in payloads:
+        if outcomes and outcomes[-1].reason.systemic:
+            # A wrong password or URL: the rest of the batch would get the same answer, so it is
+            # not posted (the parent stops the import on such answers).
+            outcomes.append(outcomes[-1])
+            continue
+        prepared = Prepared(payload, 0, b"")
+        outcomes.append(post_with_retry(_Worker.session, _Worker.settings, prepared, pacer=_Worker.pacer))
     return outcomes, time.monotonic() - started
 
 
@@ -111,5 +144,5 @@ def start_workers(settings: Settings, jobs: int, quiet: bool) -> ProcessPoolExec
         max_workers=jobs,
         mp_context=_CONTEXT,
         initializer=_init,
-        initargs=(settings, AdaptiveConcurrency(jobs), not quiet),
+        initargs=(settings, AdaptiveConcurrency(jobs), not quiet, os.getpid()),
     )

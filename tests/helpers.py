@@ -5,7 +5,11 @@ Test modules import from here (and peers.py, corpus.py), never from each other.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import sqlite3
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from click.testing import CliRunner
 
@@ -41,3 +45,25 @@ class FakeClock(Clock):
     def _sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.time += seconds
+
+
+def import_process(args: List[str], env: Dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mailbox_relay", "import", *args],
+        env={**env, "MAILBOX_RELAY_PASSWORD": "pw"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
+
+
+def journal_rows(state: str) -> int:
+    with sqlite3.connect(state) as db:
+        return int(db.execute("SELECT count(*) FROM delivered").fetchone()[0])
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -17,7 +14,7 @@ import pytest
 from mailbox_relay.importer import BATCH_SECONDS
 
 from .corpus import message, stored, write_eml_tree, write_maildir, write_mbox
-from .helpers import invoke
+from .helpers import import_process, invoke, journal_rows, wait_for
 from .peers import Ingress204, LocalServe
 
 
@@ -158,27 +155,6 @@ def test_no_state_sends_everything_again(tmp_path: Path, clean_env: Dict[str, st
     assert len(ingress.bodies) == 6
 
 
-def import_process(args: List[str], env: Dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "mailbox_relay", "import", *args],
-        env={**env, "MAILBOX_RELAY_PASSWORD": "pw"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def journal_rows(state: str) -> int:
-    with sqlite3.connect(state) as db:
-        return int(db.execute("SELECT count(*) FROM delivered").fetchone()[0])
-
-
-def wait_for(condition: object, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_resume_after_kill_9_resends_at_most_what_was_in_flight(
     tmp_path: Path, clean_env: Dict[str, str], state: str
 ) -> None:
@@ -224,8 +200,7 @@ def test_ctrl_c_stops_cleanly_saves_state_and_prints_the_summary(
 
 
 def test_plain_progress_lines_when_not_a_terminal(tmp_path: Path, clean_env: Dict[str, str]) -> None:
-    from mailbox_relay.importer import Summary
-    from mailbox_relay.progress import PlainProgress
+    from mailbox_relay.progress import PlainProgress, Summary
 
     class Stream:
         text = ""
@@ -300,8 +275,7 @@ def test_rate_limits_messages_per_second(tmp_path: Path, clean_env: Dict[str, st
 def test_rich_progress_logs_above_the_bar_and_ends_on_the_final_counts() -> None:
     import io
 
-    from mailbox_relay.importer import Summary
-    from mailbox_relay.progress import RichProgress
+    from mailbox_relay.progress import RichProgress, Summary
 
     stream = io.StringIO()
     progress = RichProgress(stream)
