@@ -11,7 +11,7 @@ from typing import Dict, List
 from ..corpus import message as corpus_message
 from ..corpus import write_maildir, write_mbox
 from ..helpers import RELAY_PATH
-from .world import RailsApp
+from .world import RailsApp, relay_command
 
 
 def relay(args: List[str], env: Dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -69,3 +69,24 @@ def test_check_against_the_real_app(
     http = next(step for step in report["steps"] if step["step"] == "http")  # type: ignore[union-attr,index]
     assert "config.action_mailbox.ingress = :relay" in http["detail"]  # type: ignore[index]
     assert rails.stored() == 0  # no check ever creates an inbound email
+
+
+def test_a_non_ascii_password_is_accepted_by_rails(rails: RailsApp, relay_env: Dict[str, str]) -> None:
+    """Rails compares the UTF-8 bytes of the Basic credentials: so must we (not Latin-1)."""
+    password = "pässwörd-€-日本"
+    url = rails.serve(password=password)
+    message = corpus_message(4242)
+    env = {**relay_env, "MAILBOX_RELAY_URL": url, "MAILBOX_RELAY_PASSWORD": password}
+    result = subprocess.run(
+        [relay_command(), "deliver"], input=message, env=env, capture_output=True, timeout=120
+    )
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert rails.stored() == 1
+    wrong = subprocess.run(
+        [relay_command(), "deliver"],
+        input=message,
+        env={**env, "MAILBOX_RELAY_PASSWORD": "passwörd"},
+        capture_output=True,
+        timeout=120,
+    )
+    assert wrong.returncode == 75 and wrong.stderr.startswith(b"4.7.0 ")

@@ -277,14 +277,14 @@ class RailsApp:
         self.url = ""  # of the relay-configured server, once started
         self.servers: List[subprocess.Popen[bytes]] = []
 
-    def serve(self, *, ingress: str = "relay", jobs: str = "inline") -> str:
+    def serve(self, *, ingress: str = "relay", jobs: str = "inline", password: str = "") -> str:
         """Start `bin/rails server` (puma) on a free port; returns the base URL."""
         port = free_port()
         log = self.root / "log" / f"server-{port}.out"
         log.parent.mkdir(exist_ok=True)
         env = {
             **os.environ,
-            "RAILS_INBOUND_EMAIL_PASSWORD": self.password,
+            "RAILS_INBOUND_EMAIL_PASSWORD": password or self.password,
             "E2E_INGRESS": ingress,
             "E2E_JOBS": jobs,
         }
