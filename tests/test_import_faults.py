@@ -279,3 +279,21 @@ def test_progress_follows_delivery_not_reading(tmp_path: Path, clean_env: Dict[s
     assert recorder.done[0] < total / 2  # the whole file was read at once, but not yet delivered
     assert sum(1 for done in recorder.done if done < total) >= 10
     time.sleep(0)
+
+
+def test_a_double_ctrl_c_leaves_no_worker_behind(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    token = uuid.uuid4().hex
+    mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(300)])
+    with Ingress204(delay=0.3) as ingress:
+        env = {**clean_env, "MAILBOX_RELAY_TEST_TOKEN": token}
+        process = import_process(["--url", ingress.url, "--state", state, "--jobs", "3", str(mbox)], env)
+        wait_for(lambda: len(ingress.bodies) >= 3)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)  # the second abandons the posts in flight
+        out, _ = process.communicate(timeout=60)
+    assert process.returncode == 75
+    assert b"interrupted" in out
+    wait_for(lambda: not processes_with(token), seconds=15)

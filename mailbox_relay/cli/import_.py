@@ -16,21 +16,25 @@ from mailbox_relay.settings import CONNECTION, DELIVERY, IMPORT
 
 HELP = """Import mbox files (optionally .gz), Maildirs and trees of .eml files.
 
-Each PATH is detected as an mbox file (starts with a From_ line), a Maildir (has cur/ and
-new/; flags are ignored), a directory of *.eml files, or a single .eml message. Messages are
-validated like `deliver` does, sent exactly as stored (minus the From_ line) with `--jobs`
-concurrent keep-alive connections, and retried like `deliver` (`--retry-for` per message).
+Each PATH is detected as an mbox file (starts with a From_ line; an empty file is an empty
+mbox), a Maildir (has cur/ and new/; flags are ignored), a single .eml message, or a
+directory, in which every Maildir, mbox file and .eml file is read. Messages are validated
+like `deliver` does, sent exactly as stored (minus the From_ line) with `--jobs` concurrent
+keep-alive connections, and retried like `deliver` (`--retry-for` per message).
 
 A journal (SQLite) records every delivered message, so a rerun after Ctrl-C, a crash or
 failures resumes: it sends only what is not yet delivered, and a completed rerun sends
-nothing. Inputs are never modified.
+nothing. Inputs are never modified. An unreadable message or a damaged input is counted and
+the run goes on; an answer every message would get (401, 404, TLS, ...) stops it early.
 
 \b
 Exit codes:
    0  nothing left undelivered
-  75  some messages failed for a reason that may pass (run the same command again)
-  65  some messages are invalid (and none failed otherwise)
-  66  an input cannot be read; 64 usage error
+  75  some messages failed for a reason that may pass, the run was interrupted, or it
+      stopped early (fix the cause, run the same command again)
+  66  an input or a message could not be read (and nothing failed otherwise)
+  65  some messages are invalid (and nothing else went wrong)
+  64  usage error (a wrong option or value, an unwritable --state or --failed-dir)
 """
 
 
