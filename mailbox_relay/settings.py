@@ -161,6 +161,14 @@ def _check_address(address: str, where: str) -> str:
         )
     if any(ch in address for ch in "\r\n\0") or not address.isprintable():
         raise ConfigError(f"{where} holds a control character in {address!r}")
+    local, at, domain = address.strip("<>").rpartition("@")
+    if not (local and at and domain):
+        # X-Original-To: relay can never route: fetchmail's %T is the local name ("relay") in
+        # single-drop mode, so the header would only hide the real recipients.
+        raise ConfigError(
+            f"{where} got {address!r}, which is not an address (no local@domain): with fetchmail, "
+            "%T holds addresses only for a multidrop poll (see contrib/fetchmailrc.example)"
+        )
     return address
 
 

@@ -22,9 +22,13 @@ RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
 
 def invoke(args: List[str], stdin: bytes = b"", env: Optional[Dict[str, str]] = None) -> Tuple[int, str, str]:
     """Run the real boundary (`run`) with isolated streams; (exit code, stdout, stderr)."""
-    with CliRunner().isolation(input=stdin, env=env) as (out, err, _):
+    try:
+        runner = CliRunner(mix_stderr=False)  # type: ignore[call-arg]  # click < 8.2 (Python 3.9)
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 always keeps stderr apart
+    with runner.isolation(input=stdin, env=env) as streams:
         code = run(args)
-    return code, out.getvalue().decode(), err.getvalue().decode()
+        return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
 
 
 def make_settings(

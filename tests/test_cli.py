@@ -336,3 +336,13 @@ def test_check_import_and_serve_warn_about_a_readable_password_file(
         busy.listen(1)
         served = invoke(["serve", "--port", str(busy.getsockname()[1]), "--password-file", str(secret)])
     assert served[0] == 69 and warning in served[2]
+
+
+def test_a_recipient_that_is_not_an_address_is_refused_and_nothing_is_sent(
+    clean_env: Dict[str, str], httpserver: HTTPServer
+) -> None:
+    env = {"MAILBOX_RELAY_PASSWORD": "pw", "MAILBOX_RELAY_URL": httpserver.url_for(PATH)}
+    code, out, err = invoke(["deliver", "--envelope-recipient", "'relay'"], env=env)
+    assert (code, out) == (75, "") and err.count("\n") == 1
+    assert err.startswith("4.3.5 ") and "not an address" in err
+    assert httpserver.log == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,17 +32,32 @@ def test_ci_lints_and_type_checks() -> None:
         assert step in ci
 
 
-def test_readme_quickstart_delivers_a_message(tmp_path: Path) -> None:
-    """The quick start, minus its `pip install .` (this test runs installed)."""
+def test_readme_quickstart_delivers_a_message() -> None:
+    """The quick start, minus its venv install (this test runs installed): it stores the sample."""
     command = readme_block("quickstart")
-    assert command.startswith("pip install . && ")
-    command = command.removeprefix("pip install . && ").replace("/tmp/mailbox-relay-try", str(tmp_path))
-    result = subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, timeout=60)
+    install, _, run = command.rpartition(" && ")
+    assert install.startswith("python3 -m venv /tmp/mailbox-relay-try && ") and "pip install" in install
+    assert run == 'PATH="/tmp/mailbox-relay-try/bin:$PATH" sh contrib/try-it.sh'
+    result = subprocess.run(["sh", "contrib/try-it.sh"], cwd=ROOT, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
-    stored = list((tmp_path / "new").iterdir())
-    assert len(stored) == 1
-    assert stored[0].read_bytes() == (ROOT / "contrib" / "sample.eml").read_bytes()
-    assert stored[0].name in result.stdout.decode()
+    assert result.stderr == b""
+    listed = result.stdout.decode().splitlines()
+    assert listed[0] == "delivered; serve stored:" and len(listed) == 2
+
+
+def test_the_quickstart_fails_loudly_when_delivery_fails(tmp_path: Path) -> None:
+    """A broken step must not look like success (nor list a message left from an earlier run)."""
+    fake = tmp_path / "mailbox-relay"  # serve works, deliver fails as it would on a wrong password
+    real = shutil.which("mailbox-relay")
+    assert real
+    fake.write_text(
+        f'#!/bin/sh\nif [ "$1" = deliver ]; then echo "4.7.0 rejected" >&2; exit 75; fi\nexec {real} "$@"\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    result = subprocess.run(["sh", "contrib/try-it.sh"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert result.returncode == 75 and b"4.7.0 rejected" in result.stderr
+    assert b"stored" not in result.stdout
 
 
 @pytest.mark.parametrize("command", ["deliver", "import", "check", "serve"])
@@ -61,10 +78,23 @@ def test_contrib_examples_exist() -> None:
         "fetchmailrc.example",
         "procmailrc.example",
         "postfix-master.cf.example",
+        "postfix-main.cf.example",
+        "exim-router.example",
         "exim-transport.example",
+        "try-it.sh",
         "qmail.example",
         "config.toml.example",
         "sample.eml",
     ):
         assert (ROOT / "contrib" / name).is_file(), name
     assert 'arguments = ("deliver",)' in (ROOT / "contrib" / "getmailrc.example").read_text()
+
+
+def test_every_contrib_example_says_what_it_needs_and_agrees_on_the_install() -> None:
+    for path in sorted((ROOT / "contrib").glob("*.example")):
+        text = path.read_text()
+        assert "Needs:" in text or "mailbox-relay settings" in text, f"{path.name} does not say what it needs"
+        for line in text.splitlines():
+            if "mailbox-relay deliver" in line and not line.lstrip().startswith("#"):
+                assert "/usr/local/bin/mailbox-relay deliver" in line, (path.name, line)
+        assert "%T" not in "".join(line for line in text.splitlines() if not line.startswith("#"))

@@ -243,3 +243,11 @@ def test_toml_that_is_not_utf8_or_holds_a_wrong_type_is_one_clear_line(
     wrong_type = write_config(tmp_path / "type.toml", "envelope_recipient = 5\n")
     with pytest.raises(ConfigError, match=r"envelope_recipient in .* must be an address"):
         load({"config": wrong_type}, env)
+
+
+@pytest.mark.parametrize("recipient", ["relay", "@example.com", "relay@", "'relay'"])
+def test_an_envelope_recipient_must_be_an_address(clean_env: Dict[str, str], recipient: str) -> None:
+    """fetchmail's %T in single-drop mode is the local name: X-Original-To: relay never routes."""
+    with pytest.raises(ConfigError, match="not an address"):
+        load({"url": URL, "envelope_recipient": (recipient,)}, {**clean_env, "MAILBOX_RELAY_PASSWORD": "x"})
+    assert parse_recipients(["<support@example.com>"], "x") == ("<support@example.com>",)

@@ -334,3 +334,181 @@ class RailsApp:
         with self._db() as db:
             db.execute("DELETE FROM action_mailbox_inbound_emails")
         (self.root / "log" / "routed.jsonl").unlink(missing_ok=True)
+
+
+# --- the mail-host install and Postfix ----------------------------------------------------------
+
+RELAY_USER = "mailrelay"  # the user the contrib examples run mailbox-relay as
+ROOT = Path(__file__).resolve().parents[2]
+CONTRIB = ROOT / "contrib"
+
+
+def ensure_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        if os.geteuid() != 0:
+            pytest.skip(f"needs a system user {name} (run as root to create it)")
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True
+        )
+
+
+def mail_host_install(root: Path) -> Path:
+    """mailbox-relay installed the way the README tells a mail host to: a venv of the system
+    Python that every user can run (MTAs run it as another user). Returns the script's path."""
+    python = shutil.which("python3", path="/usr/bin")
+    if python is None:
+        pytest.skip("needs Debian's python3 and python3-venv for the mail-host install")
+    venv = root / "venv"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    for directory in (root, *root.parents):
+        if directory == Path("/"):
+            break
+        directory.chmod(directory.stat().st_mode | 0o755)
+    return venv / "bin" / "mailbox-relay"
+
+
+class RelayConfig:
+    """/etc/mailbox-relay/config.toml and its password file, owned by the relay user."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "config.toml"
+        self.password_file = root / "password"
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+
+    def write(self, url: str, password: str, retry_for: float = 1) -> None:
+        self.password_file.write_text(password + "\n")
+        self.password_file.chmod(0o600)
+        shutil.chown(self.password_file, RELAY_USER)
+        self.path.write_text(
+            f'url = "{url}"\npassword_file = "{self.password_file}"\nretry_for = {retry_for}\n'
+        )
+        self.path.chmod(0o644)
+
+
+_POSTFIX_MAIN = """
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.localhost
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+# As for mail from the internet: no From:/Date:/Message-ID: added to what the tests send from
+# 127.0.0.1 (Postfix rewrites headers of its own host's clients by default).
+local_header_rewrite_clients =
+maillog_file_prefixes = {root}
+maillog_file = {root}/maillog
+alias_maps =
+alias_database =
+local_recipient_maps =
+smtputf8_enable = no
+# The bounce of the invalid-message test goes nowhere; keep it out of the way.
+bounce_queue_lifetime = 0
+"""
+
+_POSTFIX_SERVICES = """
+{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix instance (its own config, queue and data directories, smtpd on a free
+    127.0.0.1 port) with contrib's transport and main.cf lines, as shipped: only the program
+    path and the config file path are substituted."""
+
+    def __init__(self, root: Path, relay: Path, config: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.conf = root / "conf"
+        transport = (CONTRIB / "postfix-master.cf.example").read_text()
+        transport = transport.replace("/usr/local/bin/mailbox-relay", str(relay))
+        self.transport = transport.replace("/etc/mailbox-relay/config.toml", str(config))
+        self.main = (CONTRIB / "postfix-main.cf.example").read_text()
+
+    def start(self) -> None:
+        for sub in ("conf", "queue", "data"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        shutil.chown(self.root / "data", "postfix")
+        (self.conf / "main.cf").write_text(_POSTFIX_MAIN.format(root=self.root) + self.main)
+        services = _POSTFIX_SERVICES.format(port=f"127.0.0.1:{self.port}")
+        (self.conf / "master.cf").write_text(services + self.transport)
+        self._postfix("start")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"Postfix did not listen: {self.log()[-2000:]}")
+
+    def _postfix(self, *args: str) -> None:
+        # `script` gives postfix a terminal: without one it reports fatal errors only to syslog.
+        command = " ".join(["postfix", "-c", str(self.conf), *args])
+        result = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"{command}: {result.stdout.decode(errors='replace')} {self.log()[-2000:]}")
+
+    def stop(self) -> None:
+        subprocess.run(["postfix", "-c", str(self.conf), "stop"], capture_output=True, timeout=60)
+
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> None:
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as smtp:
+            smtp.sendmail(sender, list(recipients), raw)
+
+    def log(self) -> str:
+        path = self.root / "maillog"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def queue(self) -> str:
+        result = subprocess.run(
+            ["postqueue", "-c", str(self.conf), "-p"], capture_output=True, text=True, timeout=60
+        )
+        return result.stdout
+
+    def flush(self) -> None:
+        subprocess.run(["postqueue", "-c", str(self.conf), "-f"], check=True, capture_output=True, timeout=60)
+
+    def wait_for_log(self, text: str, count: int = 1, seconds: float = 60) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} x{count} not in Postfix's log: {self.log()[-3000:]}")
