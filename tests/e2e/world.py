@@ -7,6 +7,7 @@ import imaplib
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import sqlite3
@@ -512,3 +513,161 @@ class Postfix:
                 return log
             time.sleep(0.2)
         raise AssertionError(f"{text!r} x{count} not in Postfix's log: {self.log()[-3000:]}")
+
+
+# --- Exim ---------------------------------------------------------------------------------------
+
+EXIM = Path(os.environ.get("MAILBOX_RELAY_E2E_EXIM", "/opt/mailbox-relay-e2e/exim/usr/sbin/exim4"))
+EXIM_TRUSTED_CONFIGS = Path("/etc/exim4/trusted_configs")  # compiled into Debian's Exim
+
+_EXIM_MAIN = """
+exim_path = {exim}
+primary_hostname = mx.localhost
+spool_directory = {root}/spool
+log_file_path = {root}/log/%slog
+keep_environment =
+tls_advertise_hosts =
+never_users =
+daemon_smtp_ports = {port}
+local_interfaces = 127.0.0.1
+domainlist local_domains =
+# The domain the contrib router names: accepted from anywhere, as an MX would.
+domainlist relay_to_domains = support.example.com
+acl_smtp_rcpt = acl_check_rcpt
+
+begin acl
+acl_check_rcpt:
+  accept domains = +relay_to_domains
+  deny message = relay not permitted
+
+begin routers
+{router}
+begin transports
+{transport}
+begin retry
+*  *  F,2h,15m
+"""
+
+
+class Exim:
+    """Exim 4 from Debian's package, unpacked privately (tests/e2e/get-exim.sh), run as root with
+    its own -C configuration: contrib's router and transport as shipped, with only the program
+    path and the config file path substituted."""
+
+    def __init__(self, root: Path, relay: Path, config: Path) -> None:
+        if not EXIM.exists():
+            pytest.skip(f"needs Exim unpacked at {EXIM}: run tests/e2e/get-exim.sh (as root)")
+        self.root = root
+        self.port = free_port()
+        self.conf = root / "exim.conf"
+        router = (CONTRIB / "exim-router.example").read_text()
+        transport = (CONTRIB / "exim-transport.example").read_text()
+        transport = transport.replace("/usr/local/bin/mailbox-relay", str(relay))
+        self.router = router
+        self.transport = transport.replace("/etc/mailbox-relay/config.toml", str(config))
+        self.process: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self) -> None:
+        ensure_user("Debian-exim")  # the Exim user compiled into Debian's binary
+        for sub in ("spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            shutil.chown(self.root / sub, "Debian-exim")
+        self.root.chmod(0o755)
+        self.conf.write_text(
+            _EXIM_MAIN.format(
+                exim=EXIM, root=self.root, port=self.port, router=self.router, transport=self.transport
+            )
+        )
+        _trust(self.conf)
+        log = self.root / "daemon.out"
+        self.process = subprocess.Popen(
+            [str(EXIM), "-C", str(self.conf), "-bdf"], stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+        wait_for_port(self.port, self.process, 30, log)
+
+    def _exim(self, *args: str) -> str:
+        result = subprocess.run(
+            [str(EXIM), "-C", str(self.conf), *args], capture_output=True, text=True, timeout=120
+        )
+        return result.stdout + result.stderr
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> None:
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as smtp:
+            smtp.sendmail(sender, list(recipients), raw)
+
+    def log(self) -> str:
+        path = self.root / "log" / "mainlog"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def queue(self) -> str:
+        return self._exim("-bp")
+
+    def flush(self) -> None:
+        """Deliver everything in the queue now, retry times or not (like postqueue -f)."""
+        self._exim("-qff")
+
+    def wait_for_log(self, text: str, count: int = 1, seconds: float = 60) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} x{count} not in Exim's log: {self.log()[-3000:]}")
+
+
+def _trust(config: Path) -> None:
+    """Debian's Exim keeps root (to run the pipe as mailrelay) only for -C files listed here."""
+    EXIM_TRUSTED_CONFIGS.parent.mkdir(parents=True, exist_ok=True)
+    listed = EXIM_TRUSTED_CONFIGS.read_text().split() if EXIM_TRUSTED_CONFIGS.exists() else []
+    if str(config) not in listed:
+        EXIM_TRUSTED_CONFIGS.write_text("\n".join([*listed, str(config)]) + "\n")
+
+
+# --- docs/compatibility.md ----------------------------------------------------------------------
+
+DOC = ROOT / "docs" / "compatibility.md"
+DOC_SECTIONS = ("rake", "postfix", "exim")  # in the order the document shows them
+DOC_TITLE = (
+    "# Compatibility\n\nGenerated by the end-to-end suite (`tests/e2e/`) against real programs and a "
+    "real Rails app; do not\nedit by hand. Regenerate with `MAILBOX_RELAY_WRITE_DOCS=1 python3 -m "
+    "pytest tests/e2e`.\n"
+)
+
+
+def _doc_sections() -> Dict[str, str]:
+    text = DOC.read_text() if DOC.exists() else ""
+    found = re.findall(r"<!-- section (\w+) -->\n(.*?)\n<!-- /section -->", text, re.S)
+    return {name: body for name, body in found}
+
+
+def check_doc_section(name: str, text: str) -> None:
+    """docs/compatibility.md is a title plus generated sections, one per test module: this
+    section must be what the suite just saw (MAILBOX_RELAY_WRITE_DOCS=1 writes it)."""
+    sections = {**_doc_sections(), name: text.strip()}
+    if os.environ.get("MAILBOX_RELAY_WRITE_DOCS") == "1":
+        blocks = [
+            f"<!-- section {key} -->\n{sections[key]}\n<!-- /section -->"
+            for key in DOC_SECTIONS
+            if key in sections
+        ]
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(DOC_TITLE + "\n" + "\n\n".join(blocks) + "\n")
+    assert _doc_sections().get(name) == text.strip(), (
+        f"docs/compatibility.md is stale (section {name}): rerun with MAILBOX_RELAY_WRITE_DOCS=1"
+    )
+
+
+def table_cell(text: str, width: int = 100) -> str:
+    """A log excerpt for a table cell: stable across runs (ports, temp paths) and short."""
+    text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
+    text = re.sub(r"/tmp/mailbox-relay-e2e-\w+-\d+", "...", text)
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return text.replace("|", "/")
