@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 from typing import Dict
 
-from .world import Dovecot, RailsApp, message, need
+from .world import ROOT, Dovecot, RailsApp, message, need
 
 
 def test_fetchmail_passes_the_envelope_recipient_that_rails_routes_on(
@@ -73,3 +73,44 @@ def test_procmail_delivers_and_on_failure_falls_through_to_default(
     assert b"Subject: kept by procmail" in fallback
     log = (tmp_path / "procmail.log").read_text()
     assert "4.7.0 ingress rejected the password" in log
+
+
+def test_the_shipped_multidrop_example_routes_each_message_to_its_envelope_recipient(
+    tmp_path: Path, dovecot: Dovecot, rails: RailsApp, relay: str, relay_env: Dict[str, str]
+) -> None:
+    """contrib/fetchmailrc-multidrop.example as shipped, but for the server, the account and TLS
+    (the test Dovecot speaks plain IMAP on a free port) and the program's path."""
+    need("fetchmail")
+    user = dovecot.new_user()
+    to_a_list = message(
+        "multidrop sales", to="list@lists.example", extra="Delivered-To: sales@support.example.com\r\n"
+    )
+    to_another = message(
+        "multidrop help", to="someone@else.example", extra="Delivered-To: help@support.example.com\r\n"
+    )
+    dovecot.append(user, [to_a_list, to_another])
+    shipped = (ROOT / "contrib" / "fetchmailrc-multidrop.example").read_text()
+    rc = tmp_path / "fetchmailrc"
+    rc.write_text(
+        "set no syslog\n"
+        + shipped.replace(
+            "poll imap.example.com protocol imap port 993",
+            f"poll 127.0.0.1 protocol imap port {dovecot.port} auth password",
+        )
+        .replace('user "catchall@example.com" there', f'user "{user}" there with password "secret-{user}"')
+        .replace("ssl sslcertck", "sslproto ''")
+        .replace("/usr/local/bin/mailbox-relay", relay)
+    )
+    rc.chmod(0o600)
+    result = subprocess.run(
+        ["fetchmail", "-f", str(rc), "--pidfile", str(tmp_path / "pid")],
+        env={**relay_env, "FETCHMAILHOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    routed = {entry["subject"]: entry["recipients"] for entry in rails.routed(2)}
+    assert "sales@support.example.com" in routed["multidrop sales"]  # type: ignore[operator]
+    assert "help@support.example.com" in routed["multidrop help"]  # type: ignore[operator]
+    assert dovecot.count(user) == 0
