@@ -89,8 +89,10 @@ def _post(
     --timeout bounds the whole attempt, and the status line decides: a 2xx is delivered
     whatever its body does afterwards (never ends, is not valid gzip, ...).
     """
-    with deadline(settings.timeout):
-        try:
+    status: Optional[int] = None
+    outcome: Optional[Outcome] = None
+    try:
+        with deadline(settings.timeout):
             response = session.post(
                 settings.url,
                 data=data,
@@ -99,24 +101,29 @@ def _post(
                 allow_redirects=False,
                 stream=True,  # the body is read by _drain, capped, never whole
             )
-        except requests.RequestException as error:
-            return None, classify_error(error, settings.endpoint, settings.timeout)
-        except DeadlinePassed:
-            return None, Outcome(
+            status, outcome = response.status_code, _classify(response, settings, size)
+            _drain(response)
+    except requests.RequestException as error:
+        return None, classify_error(error, settings.endpoint, settings.timeout)
+    except DeadlinePassed:  # wherever it struck: if the status line had come, it decides
+        if outcome is None:
+            outcome = Outcome(
                 Reason.TIMEOUT,
                 f"ingress at {settings.endpoint.host_port} did not answer within {settings.timeout:g}s: "
                 "raise --timeout if the app is slow",
             )
-        outcome = classify_response(
-            response.status_code,
-            url=settings.url,
-            location=response.headers.get("Location"),
-            size=size,
-            password_source=settings.password_source,
-            retry_after=parse_retry_after(response.headers.get("Retry-After")),
-        )
-        _drain(response)
-    return response.status_code, outcome
+    return status, outcome
+
+
+def _classify(response: requests.Response, settings: Settings, size: int) -> Outcome:
+    return classify_response(
+        response.status_code,
+        url=settings.url,
+        location=response.headers.get("Location"),
+        size=size,
+        password_source=settings.password_source,
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )
 
 
 def _drain(response: requests.Response) -> None:
