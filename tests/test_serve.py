@@ -30,6 +30,15 @@ def serve(tmp_path: Path) -> Iterator[LocalServe]:
         yield server
 
 
+def serve_process(args: List[str], env: Dict[str, str]) -> subprocess.Popen[bytes]:
+    """`mailbox-relay serve ARGS` as a real process, its log on a pipe (password: pw unless env says)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mailbox_relay", "serve", *args],
+        env={"MAILBOX_RELAY_PASSWORD": "pw", **env} if "--password-file" not in args else env,
+        stderr=subprocess.PIPE,
+    )
+
+
 def stored(server: LocalServe) -> List[bytes]:
     new = Path(server.maildir.path) / "new"
     return sorted(path.read_bytes() for path in new.iterdir())
@@ -181,10 +190,8 @@ def test_deliver_command_into_serve(serve: LocalServe, clean_env: Dict[str, str]
 def test_the_serve_command_starts_logs_and_stops_on_ctrl_c(tmp_path: Path, clean_env: Dict[str, str]) -> None:
     port = free_port()
     maildir = tmp_path / "inbox"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailbox_relay", "serve", "--port", str(port), "--maildir", str(maildir)],
-        env={**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"},
-        stderr=subprocess.PIPE,
+    process = serve_process(
+        ["--port", str(port), "--maildir", str(maildir)], {**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"}
     )
     assert process.stderr is not None
     first = process.stderr.readline().decode()
@@ -236,22 +243,8 @@ def test_serve_reads_its_password_from_a_file(tmp_path: Path, clean_env: Dict[st
     secret.write_text("from-file\n")
     secret.chmod(0o600)
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mailbox_relay",
-            "serve",
-            "--port",
-            str(port),
-            "--password-file",
-            str(secret),
-            "--maildir",
-            str(tmp_path / "inbox"),
-        ],
-        env=clean_env,
-        stderr=subprocess.PIPE,
-    )
+    args = ["--port", str(port), "--password-file", str(secret), "--maildir", str(tmp_path / "inbox")]
+    process = serve_process(args, clean_env)
     try:
         assert process.stderr is not None
         assert b"listening on" in process.stderr.readline()
@@ -311,20 +304,7 @@ def test_a_huge_content_length_or_a_reset_is_one_log_line_and_no_traceback(
     tmp_path: Path, clean_env: Dict[str, str]
 ) -> None:
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mailbox_relay",
-            "serve",
-            "--port",
-            str(port),
-            "--maildir",
-            str(tmp_path / "in"),
-        ],
-        env={**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"},
-        stderr=subprocess.PIPE,
-    )
+    process = serve_process(["--port", str(port), "--maildir", str(tmp_path / "in")], clean_env)
     assert process.stderr is not None
     try:
         assert b"listening" in process.stderr.readline()

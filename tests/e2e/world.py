@@ -160,15 +160,7 @@ service pop3-login {{
 
 
 def _ensure_mail_user() -> None:
-    try:
-        pwd.getpwnam(MAIL_USER)
-    except KeyError:
-        if os.geteuid() != 0:
-            pytest.skip(f"needs a system user {MAIL_USER} for Dovecot's mail (run as root to create it)")
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", MAIL_USER],
-            check=True,
-        )
+    ensure_user(MAIL_USER)
 
 
 # --- Rails -------------------------------------------------------------------------------------
@@ -444,10 +436,44 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class Postfix:
+class MailServer:
+    """What the tests do with an MTA: send over SMTP, and wait for its log to say something."""
+
+    port: int
+    name = "the MTA"
+
+    def log(self) -> str:
+        raise NotImplementedError
+
+    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> None:
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as smtp:
+            smtp.sendmail(sender, list(recipients), raw)
+
+    def wait_for_log(self, text: str, count: int = 1, seconds: float = 60) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} x{count} not in {self.name}'s log: {self.log()[-3000:]}")
+
+
+def check_mta_table(section: str, head: str, rows: Dict[str, str], cases: Sequence[str]) -> None:
+    """The docs/compatibility.md table of one MTA, from the verdicts its tests recorded."""
+    if set(cases) - set(rows):
+        pytest.skip("the table needs every test of this module in the same run")
+    check_doc_section(section, head + "\n".join(f"| {case} | {rows[case]}" for case in cases) + "\n")
+
+
+class Postfix(MailServer):
     """A private Postfix instance (its own config, queue and data directories, smtpd on a free
     127.0.0.1 port) with contrib's transport and main.cf lines, as shipped: only the program
     path and the config file path are substituted."""
+
+    name = "Postfix"
 
     def __init__(self, root: Path, relay: Path, config: Path) -> None:
         self.root = root
@@ -486,12 +512,6 @@ class Postfix:
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.conf), "stop"], capture_output=True, timeout=60)
 
-    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> None:
-        import smtplib
-
-        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as smtp:
-            smtp.sendmail(sender, list(recipients), raw)
-
     def log(self) -> str:
         path = self.root / "maillog"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -504,15 +524,6 @@ class Postfix:
 
     def flush(self) -> None:
         subprocess.run(["postqueue", "-c", str(self.conf), "-f"], check=True, capture_output=True, timeout=60)
-
-    def wait_for_log(self, text: str, count: int = 1, seconds: float = 60) -> str:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            log = self.log()
-            if log.count(text) >= count:
-                return log
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} x{count} not in Postfix's log: {self.log()[-3000:]}")
 
 
 # --- Exim ---------------------------------------------------------------------------------------
@@ -549,10 +560,12 @@ begin retry
 """
 
 
-class Exim:
+class Exim(MailServer):
     """Exim 4 from Debian's package, unpacked privately (tests/e2e/get-exim.sh), run as root with
     its own -C configuration: contrib's router and transport as shipped, with only the program
     path and the config file path substituted."""
+
+    name = "Exim"
 
     def __init__(self, root: Path, relay: Path, config: Path) -> None:
         if not EXIM.exists():
@@ -596,12 +609,6 @@ class Exim:
             self.process.terminate()
             self.process.wait(10)
 
-    def send(self, sender: str, recipients: Sequence[str], raw: bytes) -> None:
-        import smtplib
-
-        with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as smtp:
-            smtp.sendmail(sender, list(recipients), raw)
-
     def log(self) -> str:
         path = self.root / "log" / "mainlog"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -612,15 +619,6 @@ class Exim:
     def flush(self) -> None:
         """Deliver everything in the queue now, retry times or not (like postqueue -f)."""
         self._exim("-qff")
-
-    def wait_for_log(self, text: str, count: int = 1, seconds: float = 60) -> str:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            log = self.log()
-            if log.count(text) >= count:
-                return log
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} x{count} not in Exim's log: {self.log()[-3000:]}")
 
 
 def _trust(config: Path) -> None:
