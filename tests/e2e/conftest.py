@@ -9,7 +9,7 @@ from typing import Dict, Iterator
 
 import pytest
 
-from .world import Dovecot, RailsApp, build_app_template, need, relay_command
+from .world import Dovecot, RailsApp, build_app_template, mail_host_install, need, relay_command
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -68,3 +68,14 @@ def relay() -> str:
 def unconfigured_url(rails_app: RailsApp) -> str:
     """A second server of the same app, started without the relay ingress (it answers 404)."""
     return rails_app.serve(ingress="none")
+
+
+@pytest.fixture(scope="session")
+def mail_host() -> Iterator[Path]:
+    """mailbox-relay installed as the README tells a mail host (a venv every user can run),
+    in a directory every user can reach (not under /root): the path of its script."""
+    root = Path("/tmp") / f"mailbox-relay-e2e-install-{os.getpid()}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    yield mail_host_install(root)
+    shutil.rmtree(root, ignore_errors=True)

@@ -20,7 +20,6 @@ from .world import (
     RelayConfig,
     check_mta_table,
     ensure_user,
-    mail_host_install,
     message,
     table_cell,
 )
@@ -40,21 +39,19 @@ def verdict(log: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def exim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exim]:
+def exim(mail_host: Path) -> Iterator[Exim]:
     ensure_user(RELAY_USER)
     root = Path("/tmp") / f"mailbox-relay-e2e-exim-{os.getpid()}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
-    relay = mail_host_install(root / "install")
     config = RelayConfig(root / "etc")
     config.write("http://127.0.0.1:9", "unset")
-    server = Exim(root, relay, config.path)
+    server = Exim(root, mail_host, config.path)
     server.config = config  # type: ignore[attr-defined]
     server.start()
     yield server
     server.stop()
-    if not os.environ.get("KEEP"):
-        shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def config(exim: Exim) -> RelayConfig:

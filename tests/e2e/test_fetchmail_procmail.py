@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Dict
 
-from .world import ROOT, Dovecot, RailsApp, message, need
+from .world import ROOT, Dovecot, RailsApp, ensure_user, message, need
 
 
 def test_fetchmail_passes_the_envelope_recipient_that_rails_routes_on(
@@ -114,3 +116,51 @@ def test_the_shipped_multidrop_example_routes_each_message_to_its_envelope_recip
     assert "sales@support.example.com" in routed["multidrop sales"]  # type: ignore[operator]
     assert "help@support.example.com" in routed["multidrop help"]  # type: ignore[operator]
     assert dovecot.count(user) == 0
+
+
+PROCMAIL_USER = "mrvprocmail"
+
+
+def test_the_shipped_procmailrc_finds_the_users_config_and_keeps_mail_on_failure(
+    rails: RailsApp, mail_host: Path
+) -> None:
+    """contrib/procmailrc.example as ~/.procmailrc of a real user, with only the program's path
+    substituted: procmail clears the environment and sets HOME from passwd, and mailbox-relay
+    finds ~/.config/mailbox-relay/config.toml by itself. On failure the mail lands in $DEFAULT."""
+    need("procmail", "runuser")
+    home = Path("/tmp") / f"mailbox-relay-e2e-procmail-{os.getpid()}"
+    shutil.rmtree(home, ignore_errors=True)
+    ensure_user(PROCMAIL_USER, home)
+    (home / ".config" / "mailbox-relay").mkdir(parents=True)
+    shipped = (ROOT / "contrib" / "procmailrc.example").read_text()
+    (home / ".procmailrc").write_text(shipped.replace("/usr/local/bin/mailbox-relay", str(mail_host)))
+    spool = Path("/var/mail") / PROCMAIL_USER
+    spool.unlink(missing_ok=True)
+    try:
+        for path in (home, *home.rglob("*")):
+            shutil.chown(path, PROCMAIL_USER)
+        home.chmod(0o755)
+        config = home / ".config" / "mailbox-relay" / "config.toml"
+
+        def deliver(password: str, subject: str) -> int:
+            config.write_text(f'url = "{rails.url}"\npassword = "{password}"\nretry_for = 1\n')
+            config.chmod(0o600)
+            shutil.chown(config, PROCMAIL_USER)
+            result = subprocess.run(
+                [str(shutil.which("runuser")), "-u", PROCMAIL_USER, "--", "procmail"],
+                input=message(subject),
+                env={"PATH": "/usr/bin:/bin"},
+                capture_output=True,
+                timeout=120,
+            )
+            return result.returncode
+
+        assert deliver(rails.password, "procmail as shipped") == 0
+        assert rails.stored() == 1
+        assert not spool.exists() or b"procmail as shipped" not in spool.read_bytes()
+        assert deliver("wrong", "kept by the shipped procmailrc") == 0
+        assert rails.stored() == 1
+        assert b"Subject: kept by the shipped procmailrc" in spool.read_bytes()  # $DEFAULT
+    finally:
+        spool.unlink(missing_ok=True)
+        shutil.rmtree(home, ignore_errors=True)

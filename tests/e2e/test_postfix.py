@@ -20,7 +20,6 @@ from .world import (
     RelayConfig,
     check_mta_table,
     ensure_user,
-    mail_host_install,
     message,
     need,
     table_cell,
@@ -37,16 +36,6 @@ def verdict(log: str) -> str:
     assert found, log[-2000:]
     dsn, status, text = found[-1]
     return table_cell(f"{status} ({dsn}): {text}")
-
-
-@pytest.fixture(scope="module")
-def mail_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The mail-host install, in a directory every user can reach (not under /root)."""
-    root = Path("/tmp") / f"mailbox-relay-e2e-install-{os.getpid()}"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir()
-    yield mail_host_install(root)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

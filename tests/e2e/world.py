@@ -336,15 +336,23 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTRIB = ROOT / "contrib"
 
 
-def ensure_user(name: str) -> None:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        if os.geteuid() != 0:
+def ensure_user(name: str, home: Optional[Path] = None) -> None:
+    """A system user (created if missing, as root); with `home`, that is its home directory."""
+    if os.geteuid() != 0:
+        try:
+            pwd.getpwnam(name)
+            return
+        except KeyError:
             pytest.skip(f"needs a system user {name} (run as root to create it)")
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
         subprocess.run(
             ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True
         )
+        entry = pwd.getpwnam(name)
+    if home is not None and entry.pw_dir != str(home):
+        subprocess.run(["usermod", "--home", str(home), name], check=True)
 
 
 def mail_host_install(root: Path) -> Path:
