@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, UsageError, check_exit_code
 from mailbox_relay.settings import Settings, load_settings
+from mailbox_relay.signals import DeadlinePassed, deadline
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,18 @@ def _connect(report: Report, host: str, port: int, timeout: float) -> Optional[s
 
 def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:
     try:
-        with settings.tls.context().wrap_socket(connection, server_hostname=host) as tls:
+        # deadline: a server that trickles its handshake is bounded too
+        with (
+            deadline(settings.timeout),
+            settings.tls.context().wrap_socket(connection, server_hostname=host) as tls,
+        ):
             version, certificate = tls.version(), tls.getpeercert()
+    except DeadlinePassed:
+        detail = f"TLS with {host} did not finish within {settings.timeout:g}s"
+        report.failed(
+            "tls", detail + "; is something other than a TLS server on that port?", Exit.UNAVAILABLE
+        )
+        return False
     except (ssl.SSLError, OSError) as error:
         detail = f"TLS with {host} failed: {getattr(error, 'verify_message', None) or error}"
         report.failed("tls", detail + "; fix the certificate, or pass --ca-bundle", Exit.UNAVAILABLE)

@@ -215,9 +215,8 @@ class Importer:
         in_flight = self._in_flight() + len(self._batch)
         submitted = self.summary.delivered + self.summary.failed + in_flight
         due = self.summary.started + submitted / self.settings.rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        while not self._stopping and time.monotonic() < due:  # a signal is seen within 0.2 s
+            time.sleep(min(0.2, due - time.monotonic()))
 
     # --- collecting (this thread) -------------------------------------------------------------
 

@@ -47,6 +47,7 @@ def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHT
     class RelayHandler(BaseHTTPRequestHandler):
         server_version = "mailbox-relay-serve"
         protocol_version = "HTTP/1.1"  # keep-alive, as puma does
+        timeout = 60  # seconds a connection may stay silent: a stalled client frees its thread
 
         def do_POST(self) -> None:
             body = self._body()

@@ -92,25 +92,26 @@ def parse_seconds(value: Any, where: str) -> float:
     return float(_number(value, where, float, MAX_SECONDS))
 
 
-def parse_positive_seconds(value: Any, where: str) -> float:
-    seconds = parse_seconds(value, where)
-    if seconds == 0:
-        raise ConfigError(f"{where} must be more than 0")
-    return seconds
+def _at_least(number: Any, minimum: float, where: str, value: Any) -> Any:
+    if number < minimum:
+        raise ConfigError(f"{where} must be at least {minimum:g}, not {value!r}")
+    return number
+
+
+def parse_timeout(value: Any, where: str) -> float:
+    return float(_at_least(parse_seconds(value, where), 0.01, where, value))
 
 
 def parse_rate(value: Any, where: str) -> float:
-    rate = float(_number(value, where, float, 1e6))
-    if rate == 0:
-        raise ConfigError(f"{where} must be more than 0")
-    return rate
+    """Messages a second: at least one an hour (slower would look like a hang), at most a million."""
+    return float(_at_least(_number(value, where, float, 1e6), 1 / 3600, where, value))
 
 
-def parse_count(value: Any, where: str) -> int:
-    count = int(_number(value, where, int, 1024))
-    if count < 1:
-        raise ConfigError(f"{where} must be at least 1, not {value!r}")
-    return count
+MAX_JOBS = 64  # each job is a worker process; more would only exhaust memory
+
+
+def parse_jobs(value: Any, where: str) -> int:
+    return int(_at_least(int(_number(value, where, int, MAX_JOBS)), 1, where, value))
 
 
 _SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -342,7 +343,7 @@ class Settings(MessageSettings):
         metavar="PATH",
     )
     timeout: Field[float] = Field(
-        parse_positive_seconds,
+        parse_timeout,
         30.0,
         "Per-attempt connect and read timeout.",
         group=CONNECTION,
@@ -425,7 +426,12 @@ class ImportSettings(Resolved):
     __slots__ = ()
 
     jobs: Field[int] = Field(
-        parse_count, 4, "Concurrent deliveries.", group=IMPORT, metavar="N", shown_default="4"
+        parse_jobs,
+        4,
+        f"Concurrent deliveries (1 to {MAX_JOBS}).",
+        group=IMPORT,
+        metavar="N",
+        shown_default="4",
     )
     rate: Field[Optional[float]] = Field(
         parse_rate, None, "At most N messages a second.", group=IMPORT, metavar="N", shown_default="unlimited"

@@ -56,7 +56,7 @@ CANNED = {
 
 class RawServer:
     """Each connection gets the next behaviour: "reset", "stall", "close", "endless", "trickle",
-    or one of CANNED's answers.
+    "tls-trickle", or one of CANNED's answers.
 
     "reset" answers with a TCP RST after reading the request; "stall" reads and never answers;
     "close" closes cleanly without a response; "endless" answers 200 with a chunked body that
@@ -95,7 +95,10 @@ class RawServer:
 
     def _handle(self, conn: socket.socket, behaviour: str) -> None:
         with conn:
-            self.requests.append(read_request(conn))
+            if behaviour == "tls-trickle":  # no HTTP request comes: a TLS ClientHello does
+                conn.recv(65536)
+            else:
+                self.requests.append(read_request(conn))
             if behaviour == "reset":
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             elif behaviour == "stall":
@@ -106,6 +109,8 @@ class RawServer:
                 self._endless(conn)
             elif behaviour == "trickle":
                 self._trickle(conn, CANNED["204"])
+            elif behaviour == "tls-trickle":  # a TLS record header promising 16 KiB, then a crawl
+                self._trickle(conn, b"\x16\x03\x03\x40\x00" + b"x" * 16384)
 
     def _endless(self, conn: socket.socket) -> None:
         chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)

@@ -297,3 +297,31 @@ def test_a_double_ctrl_c_leaves_no_worker_behind(
     assert process.returncode == 75
     assert b"interrupted" in out
     wait_for(lambda: not processes_with(token), seconds=15)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--rate", "0.0001"), ("--jobs", "65"), ("--timeout", "0.001")]
+)
+def test_values_that_would_hang_or_exhaust_the_machine_are_usage_errors(
+    tmp_path: Path, clean_env: Dict[str, str], option: str, value: str
+) -> None:
+    mbox = str(write_mbox(tmp_path / "in.mbox", [message(0)]))
+    code, _, err = invoke(
+        ["import", option, value, "--url", "http://127.0.0.1:9", mbox], env={"MAILBOX_RELAY_PASSWORD": "pw"}
+    )
+    assert code == 64 and "must be" in err
+
+
+def test_a_signal_is_heard_while_the_rate_holds_the_import_back(
+    tmp_path: Path, clean_env: Dict[str, str]
+) -> None:
+    mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(10)])
+    with Ingress204() as ingress:
+        process = import_process(["--url", ingress.url, "--no-state", "--rate", "0.01", str(mbox)], clean_env)
+        wait_for(lambda: len(ingress.bodies) >= 1)
+        time.sleep(0.3)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 75 and b"interrupted" in out
+    assert time.monotonic() - started < 5

@@ -146,3 +146,14 @@ def test_a_retry_after_that_is_not_ascii_is_ignored_not_a_crash() -> None:
     with RawServer(["retry-after-junk"]) as server:
         outcome = post(server.url, retry_for=0.0)
     assert outcome.reason is Reason.SERVER_ERROR and outcome.retry_after is None
+
+
+def test_check_bounds_a_tls_handshake_that_crawls() -> None:
+    with RawServer(["tls-trickle"]) as server:
+        started = time.monotonic()
+        url = f"https://127.0.0.1:{server.port}"
+        result = deliver_process(url, "--timeout", "1", "--json", command="check")
+        seconds = time.monotonic() - started
+    assert result.returncode == 69
+    assert b"did not finish within 1s" in result.stdout
+    assert seconds < 10
