@@ -100,7 +100,7 @@ def test_password_is_never_in_repr_or_describe(clean_env: Dict[str, str]) -> Non
         ({"url": URL}, {}, "no ingress password"),
         ({"url": "ftp://x"}, {"MAILBOX_RELAY_PASSWORD": "x"}, "must start with https://"),
         ({"url": "http://app.example.com"}, {"MAILBOX_RELAY_PASSWORD": "x"}, "plain http"),
-        ({"url": URL, "timeout": 0}, {"MAILBOX_RELAY_PASSWORD": "x"}, "--timeout must be more than 0"),
+        ({"url": URL, "timeout": 0}, {"MAILBOX_RELAY_PASSWORD": "x"}, "--timeout must be at least 0.01"),
         ({"url": URL}, {"MAILBOX_RELAY_PASSWORD": "x", "MAILBOX_RELAY_RETRY_FOR": "soon"}, "RETRY_FOR"),
         ({"url": URL}, {"MAILBOX_RELAY_PASSWORD": "x", "MAILBOX_RELAY_INSECURE": "maybe"}, "true or false"),
         ({"url": URL, "config": "/nonexistent.toml"}, {"MAILBOX_RELAY_PASSWORD": "x"}, "does not exist"),
