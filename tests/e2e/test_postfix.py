@@ -61,8 +61,6 @@ def config(postfix: Postfix) -> RelayConfig:
 def test_two_recipients_in_one_transaction_reach_rails_routed_to_each(
     postfix: Postfix, rails: RailsApp
 ) -> None:
-    # Postfix runs both deliveries at once; the SQLite app answers one of them 500 until the other
-    # is done, so give mailbox-relay's retries time.
     config(postfix).write(rails.url, rails.password, retry_for=60)
     raw = message("postfix two recipients", to=f"sales@{DOMAIN}")
     postfix.send("alice@sender.test", [f"sales@{DOMAIN}", f"hidden@{DOMAIN}"], raw)
