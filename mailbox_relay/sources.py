@@ -115,9 +115,12 @@ class Gunzip:
         None at the clean end of the file."""
         while True:
             if self._inflate.eof:  # a member ended: what follows starts the next one, if any
-                self._tail = self._inflate.unused_data + self._tail or self.fileobj.read(self.COMPRESSED_READ)
-                if not self._tail:
-                    return None
+                self._tail = (self._inflate.unused_data + self._tail).lstrip(b"\0")
+                while not self._tail:  # the end, or zero padding after it (gzip ignores it too)
+                    more = self.fileobj.read(self.COMPRESSED_READ)
+                    if not more:
+                        return None
+                    self._tail = more.lstrip(b"\0")
                 self._inflate = zlib.decompressobj(wbits=31)
             if not self._tail:
                 self._tail = self.fileobj.read(self.COMPRESSED_READ)

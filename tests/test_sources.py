@@ -140,3 +140,12 @@ def test_a_gz_of_several_members_is_read_whole(tmp_path: Path) -> None:
     path = tmp_path / "joined.mbox.gz"
     path.write_bytes(gzip.compress(mbox_bytes(messages[:2])) + gzip.compress(mbox_bytes(messages[2:])))
     assert [raw.split(b"\n", 1)[1] for raw in bodies(detect_one(str(path)))] == messages
+
+
+def test_zero_padding_after_a_gz_is_its_end_not_damage(tmp_path: Path) -> None:
+    import gzip
+
+    messages = [message(n) for n in range(3)]
+    path = tmp_path / "padded.mbox.gz"
+    path.write_bytes(gzip.compress(mbox_bytes(messages)) + b"\0" * 100_000)
+    assert [raw.split(b"\n", 1)[1] for raw in bodies(detect_one(str(path)))] == messages
