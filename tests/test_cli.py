@@ -346,3 +346,11 @@ def test_a_recipient_that_is_not_an_address_is_refused_and_nothing_is_sent(
     assert (code, out) == (75, "") and err.count("\n") == 1
     assert err.startswith("4.3.5 ") and "not an address" in err
     assert httpserver.log == []
+
+
+def test_a_misspelt_exit_code_convention_is_said_not_ignored(clean_env: Dict[str, str]) -> None:
+    env = {"MAILBOX_RELAY_PASSWORD": "pw", "MAILBOX_RELAY_URL": "https://x.example.com"}
+    code, _, err = invoke(["deliver"], env={**env, "MAILBOX_RELAY_EXIT_CODES": "qmial"})
+    assert code == 75 and "MAILBOX_RELAY_EXIT_CODES must be one of sysexits, qmail" in err
+    code, _, err = invoke(["deliver", "--exit-codes", "qmial"], env=env)
+    assert code == 75 and "--exit-codes must be one of sysexits, qmail" in err
