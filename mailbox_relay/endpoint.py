@@ -96,7 +96,9 @@ class TlsPolicy:
 
     __slots__ = ("bundle", "insecure", "source")
 
-    def __init__(self, *, insecure: bool, ca_bundle: Optional[str], environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, *, insecure: bool, ca_bundle: Optional[str], environ: Mapping[str, str], https: bool = True
+    ) -> None:
         self.insecure = insecure
         self.bundle: Optional[str] = None
         self.source = "certifi"
@@ -110,7 +112,8 @@ class TlsPolicy:
                 if environ.get(name):
                     self.bundle, self.source = environ[name], f"env {name}"
                     break
-        if self.bundle is not None and not os.path.exists(self.bundle):
+        # Checked only where it is used: a stale REQUESTS_CA_BUNDLE must not stop an http:// URL.
+        if https and self.bundle is not None and not os.path.exists(self.bundle):
             raise ConfigError(f"the CA bundle {self.bundle} ({self.source}) does not exist")
 
     @property

@@ -345,7 +345,7 @@ class Settings(MessageSettings):
     timeout: Field[float] = Field(
         parse_timeout,
         30.0,
-        "Per-attempt connect and read timeout.",
+        "Bounds each whole attempt: connect, send and the answer's status line (0.01 s to a week).",
         group=CONNECTION,
         metavar="SECONDS",
         shown_default="30",
@@ -401,7 +401,12 @@ class Settings(MessageSettings):
         self.endpoint = Endpoint(self.url)
         self._values["url"] = self.endpoint.url
         self.endpoint.refuse_plain_http(self.allow_http)
-        self.tls = TlsPolicy(insecure=self.insecure, ca_bundle=self.ca_bundle, environ=environ)
+        self.tls = TlsPolicy(
+            insecure=self.insecure,
+            ca_bundle=self.ca_bundle,
+            environ=environ,
+            https=self.endpoint.scheme == "https",
+        )
         self.password = password
 
     def __repr__(self) -> str:

@@ -259,7 +259,10 @@ class _FileSource:
         raise NotImplementedError
 
     def size(self) -> int:
-        return sum(_size(full) for _, full in self._files())
+        try:
+            return sum(_size(full) for _, full in self._files())
+        except OSError:  # the directory went away: reading it will say so, as a damaged input
+            return 0
 
     def position(self) -> int:
         return self._done

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -325,3 +326,16 @@ def test_a_signal_is_heard_while_the_rate_holds_the_import_back(
         out, _ = process.communicate(timeout=30)
     assert process.returncode == 75 and b"interrupted" in out
     assert time.monotonic() - started < 5
+
+
+def test_a_maildir_that_vanishes_before_the_run_is_a_damaged_input(
+    tmp_path: Path, clean_env: Dict[str, str]
+) -> None:
+    from mailbox_relay.importer import Importer
+    from mailbox_relay.settings import ImportSettings, MessageSettings
+    from mailbox_relay.sources import detect
+
+    (source,) = detect(str(write_maildir(tmp_path / "Maildir", [message(0)])))
+    shutil.rmtree(tmp_path / "Maildir")
+    summary = Importer(ImportSettings({}), MessageSettings({}), pool=None).run([source])
+    assert summary.exit_code() == 66 and summary.damaged[0]["problem"].startswith("cannot read it")

@@ -251,3 +251,10 @@ def test_an_envelope_recipient_must_be_an_address(clean_env: Dict[str, str], rec
     with pytest.raises(ConfigError, match="not an address"):
         load({"url": URL, "envelope_recipient": (recipient,)}, {**clean_env, "MAILBOX_RELAY_PASSWORD": "x"})
     assert parse_recipients(["<support@example.com>"], "x") == ("<support@example.com>",)
+
+
+def test_a_missing_ca_bundle_matters_only_for_https(clean_env: Dict[str, str]) -> None:
+    env = {**clean_env, "MAILBOX_RELAY_PASSWORD": "x", "REQUESTS_CA_BUNDLE": "/nonexistent/ca.pem"}
+    assert load({"url": "http://127.0.0.1:3025"}, env).tls.bundle == "/nonexistent/ca.pem"
+    with pytest.raises(ConfigError, match=re.escape("CA bundle /nonexistent/ca.pem")):
+        load({"url": URL}, env)
