@@ -21,7 +21,7 @@ RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
 class Endpoint:
     """The ingress URL, checked and split once. A bare https://host gets the relay path."""
 
-    __slots__ = ("host", "path", "port", "scheme", "url")
+    __slots__ = ("host", "port", "scheme", "url")
 
     def __init__(self, url: str) -> None:
         try:
@@ -44,7 +44,6 @@ class Endpoint:
         self.scheme = parts.scheme
         self.host = parts.hostname or ""  # never empty: checked above
         self.port = port or (443 if parts.scheme == "https" else 80)
-        self.path = parts.path
 
     def __repr__(self) -> str:
         return f"Endpoint({self.url!r})"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import time
 from typing import Callable, Iterator, List, Optional
-from urllib.parse import urlsplit
 
 import requests
 
@@ -20,13 +19,14 @@ from mailbox_relay.outcome import DELIVERED, Outcome, Reason
 _WRONG_INGRESS_SEGMENTS = ("/postfix/", "/exim/", "/qmail/")
 
 
-def wrong_ingress_path(url: str) -> bool:
-    path = urlsplit(url).path
+def _wrong_ingress_path(url: str) -> bool:
+    """`url` is Endpoint's (already checked): no host holds a "/", so this looks at the path."""
+    path = url.split("?", 1)[0].split("#", 1)[0]
     return any(segment in path for segment in _WRONG_INGRESS_SEGMENTS)
 
 
 def _not_found_detail(url: str) -> str:
-    if wrong_ingress_path(url):
+    if _wrong_ingress_path(url):
         fixed = url.split("/rails/action_mailbox/")[0] + RELAY_PATH
         return (
             f"no relay ingress at {url} (HTTP 404): Rails only routes {RELAY_PATH}; "
