@@ -18,7 +18,7 @@ from typing import Any, List, Tuple
 
 from mailbox_relay.log import Log, nowhere, to_stderr
 from mailbox_relay.message import Prepared
-from mailbox_relay.outcome import Outcome, Reason
+from mailbox_relay.outcome import Exit, Outcome, Reason
 from mailbox_relay.settings import Settings
 
 _CONTEXT = multiprocessing.get_context("spawn")  # no fork of a process that has threads
@@ -94,7 +94,7 @@ def _die_with(parent: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, signal.SIGKILL) == 0:  # PR_SET_PDEATHSIG
             if os.getppid() != parent:  # it died before the kernel was told
-                os._exit(1)
+                os._exit(Exit.TEMPFAIL)  # nobody reads it: the import it served is gone
             return
     except (OSError, AttributeError):
         pass
@@ -104,7 +104,7 @@ def _die_with(parent: int) -> None:
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1)
-    os._exit(1)
+    os._exit(Exit.TEMPFAIL)
 
 
 def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool, parent: int) -> None:

@@ -8,10 +8,11 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from pytest_httpserver import HTTPServer
@@ -164,11 +165,11 @@ def test_an_answer_every_message_would_get_stops_the_run_early(
 
 
 def test_no_worker_outlives_a_kill_9_of_the_import(tmp_path: Path, clean_env: Dict[str, str]) -> None:
-    token = uuid.uuid4().hex
     mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(300)])
     with Ingress204(delay=0.05) as ingress:
-        env = {**clean_env, "MAILBOX_RELAY_TEST_TOKEN": token}
-        process = import_process(["--url", ingress.url, "--no-state", "--jobs", "3", str(mbox)], env)
+        process, token = marked_import(
+            ["--url", ingress.url, "--no-state", "--jobs", "3", str(mbox)], clean_env
+        )
         wait_for(lambda: len(ingress.bodies) >= 5)
         assert len(processes_with(token)) >= 3
         process.kill()
@@ -179,12 +180,10 @@ def test_no_worker_outlives_a_kill_9_of_the_import(tmp_path: Path, clean_env: Di
 def test_sigterm_to_the_process_group_gives_a_summary_and_no_orphans(
     tmp_path: Path, clean_env: Dict[str, str], state: str
 ) -> None:
-    token = uuid.uuid4().hex
     mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(300)])
     with Ingress204(delay=0.02) as ingress:
-        env = {**clean_env, "MAILBOX_RELAY_TEST_TOKEN": token}
         args = ["--url", ingress.url, "--state", state, "--jobs", "3", str(mbox)]
-        process = import_process(args, env, start_new_session=True)
+        process, token = marked_import(args, clean_env, start_new_session=True)
         wait_for(lambda: len(ingress.bodies) >= 10)
         os.killpg(process.pid, signal.SIGTERM)
         out, err = process.communicate(timeout=60)
@@ -194,6 +193,14 @@ def test_sigterm_to_the_process_group_gives_a_summary_and_no_orphans(
     assert b"internal error" not in out + err and b"Traceback" not in err
     assert journal_rows(state) == delivered
     wait_for(lambda: not processes_with(token), seconds=15)
+
+
+def marked_import(
+    args: List[str], clean_env: Dict[str, str], **popen: Any
+) -> Tuple[subprocess.Popen[bytes], str]:
+    """An import process whose every descendant carries a fresh token, to find them later."""
+    token = uuid.uuid4().hex
+    return import_process(args, {**clean_env, "MAILBOX_RELAY_TEST_TOKEN": token}, **popen), token
 
 
 def processes_with(token: str) -> List[int]:
@@ -279,17 +286,15 @@ def test_progress_follows_delivery_not_reading(tmp_path: Path, clean_env: Dict[s
     assert recorder.done == sorted(recorder.done)  # it never goes back
     assert recorder.done[0] < total / 2  # the whole file was read at once, but not yet delivered
     assert sum(1 for done in recorder.done if done < total) >= 10
-    time.sleep(0)
 
 
 def test_a_double_ctrl_c_leaves_no_worker_behind(
     tmp_path: Path, clean_env: Dict[str, str], state: str
 ) -> None:
-    token = uuid.uuid4().hex
     mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(300)])
     with Ingress204(delay=0.3) as ingress:
-        env = {**clean_env, "MAILBOX_RELAY_TEST_TOKEN": token}
-        process = import_process(["--url", ingress.url, "--state", state, "--jobs", "3", str(mbox)], env)
+        args = ["--url", ingress.url, "--state", state, "--jobs", "3", str(mbox)]
+        process, token = marked_import(args, clean_env)
         wait_for(lambda: len(ingress.bodies) >= 3)
         process.send_signal(signal.SIGINT)
         time.sleep(0.2)
