@@ -15,7 +15,6 @@ from mailbox_relay.outcome import UsageError
 from mailbox_relay.settings import CONFIG, CONNECTION, FIELDS, PASSWORD_ENV, Field, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
-Decorator = Callable[[F], F]
 
 
 def field_help(field: Field[Any]) -> str:
