@@ -418,10 +418,6 @@ local_recipient_maps =
 smtputf8_enable = no
 # The bounce of the invalid-message test goes nowhere; keep it out of the way.
 bounce_queue_lifetime = 0
-# One delivery at a time: the test app runs on SQLite, which stores concurrent posts (after a
-# retry) but fails some of their routing ("database is locked"). A production app does not
-# need this; the routing assertions do.
-actionmailbox_destination_concurrency_limit = 1
 """
 
 _POSTFIX_SERVICES = """
@@ -504,6 +500,13 @@ class Postfix(MailServer):
         (self.conf / "main.cf").write_text(_POSTFIX_MAIN.format(root=self.root) + self.main)
         services = _POSTFIX_SERVICES.format(port=f"127.0.0.1:{self.port}")
         (self.conf / "master.cf").write_text(services + self.transport)
+        # One delivery at a time: the test app runs on SQLite, which stores concurrent posts (after
+        # a retry) but fails some of their routing ("database is locked"). A production app needs
+        # no such limit; the routing assertions do. It has to be the process limit: with
+        # recipient_limit = 1, *_destination_concurrency_limit counts per recipient, so two
+        # recipients of one message would still be delivered at once.
+        postconf = ["postconf", "-c", str(self.conf), "-F", "actionmailbox/unix/process_limit=1"]
+        subprocess.run(postconf, check=True, capture_output=True, timeout=60)
         self._postfix("start")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
