@@ -11,11 +11,12 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, UsageError, check_exit_code
-from mailbox_relay.settings import Settings, load_settings
+from mailbox_relay.settings import Settings, open_layers, settings_from
 from mailbox_relay.signals import DeadlinePassed, deadline
 
 
@@ -57,19 +58,25 @@ def run_check(
     options: Mapping[str, Any],
     environ: Mapping[str, str],
     log: Log = nowhere,
+    accounts: Sequence[str] = (),
 ) -> Report:
-    """Every step in turn, stopping at the first that fails. Raises UsageError for a bad option."""
+    """Every step in turn, stopping at the first that fails. Raises UsageError for a bad option.
+    With `accounts`, each account's IMAP steps come first."""
     report = Report()
     try:
-        settings = load_settings(options, environ)
+        layers = open_layers(options, environ)
+        settings = settings_from(layers)
+        chosen = load_accounts(layers, accounts) if accounts else []
     except UsageError:
         raise
     except ConfigError as error:
         return report.failed("settings", error.outcome.detail, Exit.CONFIG)
-    for line in settings.describe():  # -v: every setting and where it came from
-        log(line)
+    for line in [*settings.describe(), *(line for account in chosen for line in account.describe())]:
+        log(line)  # -v: every setting and where it came from
     report.url = settings.url
     report.passed("settings", _describe_sources(settings))
+    if not all(_check_account(report, account) for account in chosen):
+        return report
     endpoint = settings.endpoint
     if not _resolve(report, endpoint.host, endpoint.port):
         return report
@@ -92,27 +99,91 @@ def _describe_sources(settings: Settings) -> str:
     return f"url {settings.url} ({settings.sources.get('url')}); password set ({settings.password_source})"
 
 
-def _resolve(report: Report, host: str, port: int) -> bool:
+def _resolve(report: Report, host: str, port: int, step: str = "dns") -> bool:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        report.failed("dns", f"cannot resolve {host}: {error.strerror}", Exit.UNAVAILABLE)
+        report.failed(step, f"cannot resolve {host}: {error.strerror}", Exit.UNAVAILABLE)
         return False
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    report.passed("dns", f"{host} is {', '.join(addresses)}")
+    report.passed(step, f"{host} is {', '.join(addresses)}")
     return True
 
 
-def _connect(report: Report, host: str, port: int, timeout: float) -> Optional[socket.socket]:
+def _connect(
+    report: Report, host: str, port: int, timeout: float, step: str = "tcp"
+) -> Optional[socket.socket]:
     started = time.monotonic()
     try:
         connection = socket.create_connection((host, port), timeout=timeout)
     except OSError as error:
         why = "timed out" if isinstance(error, socket.timeout) else (error.strerror or str(error))
-        report.failed("tcp", f"cannot connect to {host}:{port}: {why}", Exit.UNAVAILABLE)
+        report.failed(step, f"cannot connect to {host}:{port}: {why}", Exit.UNAVAILABLE)
         return None
-    report.passed("tcp", f"connected to {host}:{port} in {_ms(started)}")
+    report.passed(step, f"connected to {host}:{port} in {_ms(started)}")
     return connection
+
+
+# --- IMAP accounts (check --account) ------------------------------------------------------------
+
+# What each IMAP problem means for check's exit code.
+_IMAP_CODES = {"login": Exit.NOPERM, "folder": Exit.CONFIG}
+
+
+def _check_account(report: Report, account: Account) -> bool:
+    """DNS, TCP, TLS, login, capabilities, then each folder EXAMINEd: read-only, changes nothing."""
+    from mailbox_relay.imap import ImapProblem, capabilities, close, login, open_connection
+
+    if not _resolve(report, account.host, account.port, "imap dns"):
+        return False
+    probe = _connect(report, account.host, account.port, account.timeout, "imap tcp")
+    if probe is None:
+        return False
+    probe.close()
+    try:
+        client = open_connection(account)
+    except ImapProblem as problem:
+        report.failed(f"imap {problem.kind}", problem.line, Exit.UNAVAILABLE)
+        return False
+    except ConfigError as error:
+        report.failed("imap tls", error.outcome.detail, Exit.CONFIG)
+        return False
+    try:
+        report.passed("imap tls", _imap_tls(client, account))
+        login(client, account)
+        report.passed("imap login", f"{account.username} logged in")
+        found = capabilities(client)
+        wanted = ", ".join(
+            f"{name} {'yes' if name in found else 'no'}" for name in ("IDLE", "MOVE", "UIDPLUS")
+        )
+        report.passed("capabilities", wanted)
+        return all(_examine(report, client, name) for name in account.folders)
+    except ImapProblem as problem:
+        report.failed(f"imap {problem.kind}", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        return False
+    except ConfigError as error:  # the password file or command
+        report.failed("imap login", error.outcome.detail, Exit.CONFIG)
+        return False
+    finally:
+        close(client)
+
+
+def _imap_tls(client: Any, account: Account) -> str:
+    if account.tls == "none":
+        return f"none (allowed: {account.host} is loopback)"
+    return f"{client.socket().version()} ({account.tls}), certificate verified"
+
+
+def _examine(report: Report, client: Any, name: str) -> bool:
+    try:
+        info = client.select_folder(name, readonly=True)
+    except Exception as error:  # IMAPClientError: no such folder, no permission
+        text = str(error)
+        report.failed(f"folder {name}", f"cannot be opened: {text}; check folders", Exit.CONFIG)
+        return False
+    count, validity = int(info.get(b"EXISTS", 0)), int(info.get(b"UIDVALIDITY", 0))
+    report.passed(f"folder {name}", f"{count} messages (UIDVALIDITY {validity})")
+    return True
 
 
 def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from typing import Iterable, Mapping, Tuple
 
+from mailbox_relay.settings import state_home
 from mailbox_relay.sources import printable
 
 _SCHEMA = """
@@ -27,8 +28,7 @@ CREATE TABLE IF NOT EXISTS delivered (
 
 
 def default_path(environ: Mapping[str, str]) -> str:
-    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "mailbox-relay", "import.sqlite3")
+    return os.path.join(state_home(environ), "import.sqlite3")
 
 
 class Journal:

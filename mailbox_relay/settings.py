@@ -42,6 +42,7 @@ CONNECTION = "connection"  # every command that talks to an ingress
 DELIVERY = "delivery"  # the commands that deliver messages: deliver, import
 DELIVER = "deliver"
 IMPORT = "import"
+FETCH = "fetch"  # fetch and watch
 
 PASSWORD_ENV = ("MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD")
 
@@ -112,6 +113,10 @@ MAX_JOBS = 64  # each job is a worker process; more would only exhaust memory
 
 def parse_jobs(value: Any, where: str) -> int:
     return int(_at_least(int(_number(value, where, int, MAX_JOBS)), 1, where, value))
+
+
+def parse_tries(value: Any, where: str) -> int:
+    return int(_at_least(int(_number(value, where, int, 1000)), 1, where, value))
 
 
 _SIZE_SUFFIXES = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -458,6 +463,38 @@ class ImportSettings(Resolved):
     )
 
 
+class FetchSettings(Resolved):
+    """How `fetch` and `watch` keep their state and treat failures (accounts: accounts.py)."""
+
+    __slots__ = ()
+
+    fetch_state: Field[Optional[str]] = Field(
+        parse_str,
+        None,
+        "The fetch state (SQLite): per account and folder, the last delivered UID, failures, "
+        "quarantine; read by `status`.",
+        group=FETCH,
+        metavar="PATH",
+        shown_default="$XDG_STATE_HOME/mailbox-relay/fetch.sqlite3",
+    )
+    failed_dir: Field[Optional[str]] = Field(
+        parse_str,
+        None,
+        "Copy every invalid or quarantined message there, as a Maildir message (it also stays "
+        "on the IMAP server).",
+        group=FETCH,
+        metavar="DIR",
+    )
+    max_tries: Field[int] = Field(
+        parse_tries,
+        5,
+        "Quarantine a message after this many failed tries, once other messages got through.",
+        group=FETCH,
+        metavar="N",
+        shown_default="5",
+    )
+
+
 CONFIG: Field[Optional[str]] = Field(
     parse_str,
     None,
@@ -478,14 +515,22 @@ EXIT_CODES: Field[str] = Field(
 )
 
 FIELDS: Dict[str, Field[Any]] = {
-    field.name: field for field in (*Settings.fields(), *ImportSettings.fields(), CONFIG, EXIT_CODES)
+    field.name: field
+    for field in (*Settings.fields(), *ImportSettings.fields(), *FetchSettings.fields(), CONFIG, EXIT_CODES)
 }
 
 # Keys a config file may hold beyond FIELDS (the password itself may live there, mode 0600).
-EXTRA_CONFIG_KEYS = {"password"}
+# The IMAP accounts of fetch and watch are tables of their own, checked in accounts.py.
+EXTRA_CONFIG_KEYS = {"password", "accounts"}
 
 
 # --- where settings come from ---------------------------------------------------------------
+
+
+def state_home(environ: Mapping[str, str]) -> str:
+    """Where journals and fetch state live: $XDG_STATE_HOME/mailbox-relay."""
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "mailbox-relay")
 
 
 def user_config_path(environ: Mapping[str, str]) -> str:
@@ -571,21 +616,21 @@ class Layers:
         path, source = self.get(Settings.password_file)
         ours, rails = PASSWORD_ENV
         if source.startswith("option"):
-            return _read_password_file(path, source)
+            return read_password_file(path, source)
         if self.environ.get(ours):
             return self.environ[ours], f"env {ours}"
         if source.startswith("env"):
-            return _read_password_file(path, source)
+            return read_password_file(path, source)
         if self.environ.get(rails):
             return self.environ[rails], f"env {rails}"
         if "password" in self.config:
             return parse_str(self.config["password"], "password"), self._from_config
         if path is not None:
-            return _read_password_file(path, source)
+            return read_password_file(path, source)
         return None, "unset"
 
 
-def _read_password_file(path: Optional[str], source: str) -> Tuple[str, str]:
+def read_password_file(path: Optional[str], source: str) -> Tuple[str, str]:
     try:
         with open(str(path), "rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode

@@ -6,7 +6,7 @@ import socket
 import struct
 import threading
 import time
-from typing import List
+from typing import List, Set, Tuple
 
 from .helpers import RELAY_PATH
 
@@ -158,6 +158,7 @@ class Ingress204(threading.Thread):
         bodies = self.bodies = []  # type: List[bytes]
         self.requests = 0
         self.status = status
+        self.poison = b""
         lock = threading.Lock()
         outer = self
 
@@ -175,6 +176,8 @@ class Ingress204(threading.Thread):
                     outer.requests += 1
                     status = outer.status
                     if fail_every and outer.requests % fail_every == 0:
+                        status = 500
+                    if outer.poison and outer.poison in body:  # Rails failing on one message
                         status = 500
                     if status == 204:
                         bodies.append(body)
@@ -227,3 +230,75 @@ class LocalServe:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(5)
+
+
+class FaultProxy(threading.Thread):
+    """A TCP proxy to `upstream` that can break its connections the ways networks do: `rst()`
+    (reset), `fin()` (an orderly close) or `blackhole()` (stop forwarding, close nothing)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        super().__init__(daemon=True)
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.pairs: List[Tuple[socket.socket, socket.socket]] = []
+        self.holed: Set[socket.socket] = set()  # connections whose bytes are swallowed
+        self.connections = 0
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self._lock:
+                self.pairs.append((client, upstream))
+                self.connections += 1
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    target.shutdown(socket.SHUT_WR)
+                    return
+                if source not in self.holed and target not in self.holed:
+                    target.sendall(data)
+        except OSError:
+            return
+
+    def _take(self) -> List[Tuple[socket.socket, socket.socket]]:
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+        return pairs
+
+    def rst(self) -> None:
+        for client, upstream in self._take():
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            upstream.close()
+
+    def fin(self) -> None:
+        for client, upstream in self._take():
+            client.shutdown(socket.SHUT_RDWR)
+            client.close()
+            upstream.close()
+
+    def blackhole(self) -> None:
+        """Swallow everything on the current connections, closing nothing (a dead NAT entry);
+        later connections work again."""
+        with self._lock:
+            for client, upstream in self.pairs:
+                self.holed.update((client, upstream))
+
+    def __enter__(self) -> FaultProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()
+        self.rst()

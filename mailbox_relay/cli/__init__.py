@@ -1,7 +1,7 @@
 """The command line: the group, a lazy loader for its commands, and `run`, the one error boundary.
 
 Every delivered message pays for what `deliver` imports, so each command lives in its own module
-(deliver, import_, check, serve), loaded only when it is asked for, and imports its machinery
+(deliver, import_, check, fetch, serve), loaded only when it is asked for, and imports its machinery
 (rich, sqlite3, http.server, multiprocessing) inside its own function.
 
 Commands return an `Outcome` (deliver) or an `Exit` (the others); only `run` turns them into a
@@ -28,12 +28,15 @@ COMMANDS: Dict[str, str] = {
     "deliver": "mailbox_relay.cli.deliver:deliver",
     "import": "mailbox_relay.cli.import_:import_",
     "check": "mailbox_relay.cli.check:check",
+    "fetch": "mailbox_relay.cli.fetch:fetch",
+    "watch": "mailbox_relay.cli.fetch:watch",
+    "status": "mailbox_relay.cli.fetch:status",
     "serve": "mailbox_relay.cli.serve:serve",
 }
 
 # Commands that people run, never an MTA: their usage errors exit 64 (EX_USAGE). Anything else
 # (deliver, a missing or unknown command) may be an MTA's pipe, where 64 bounces: it exits 75.
-FOR_PEOPLE = frozenset({"import", "check", "serve"})
+FOR_PEOPLE = frozenset({"import", "check", "fetch", "watch", "status", "serve"})
 
 
 class LazyGroup(click.Group):

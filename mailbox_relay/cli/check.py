@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Tuple
 
 import click
 
@@ -32,13 +32,21 @@ Exit codes (for people and monitoring):
 
 @click.command(help=HELP, short_help="Diagnose the settings and the ingress without creating anything.")
 @settings_options(CONNECTION)
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    metavar="NAME",
+    help="Also check this IMAP account of the config file first: DNS, TCP, TLS, login, "
+    "capabilities, and each folder opened read-only with its message count (repeatable).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def check(verbose: bool, as_json: bool, **options: Any) -> Exit:
+def check(verbose: bool, accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
     from mailbox_relay.check import crashed, render, run_check
 
     try:
         with usage_errors():
-            report = run_check(options, os.environ, to_stderr if verbose else nowhere)
+            report = run_check(options, os.environ, to_stderr if verbose else nowhere, accounts)
     except click.ClickException:
         raise
     except Exception as error:  # check exits with its own codes only, even on a bug of ours

@@ -72,6 +72,11 @@ def settings_options(*groups: str) -> Callable[[F], F]:
     return decorate
 
 
+def config_option(command: F) -> F:
+    """--config alone, for a command that reads the config file but talks to no ingress (status)."""
+    return field_option(CONFIG)(command)
+
+
 def password_options(command: F) -> F:
     """Where a password may come from, for a command that needs only that (serve)."""
     return _apply([field_option(Settings.password_file), field_option(CONFIG), _PASSWORD_REFUSED], command)

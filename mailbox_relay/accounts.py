@@ -1,0 +1,269 @@
+"""IMAP accounts for `fetch`, `watch`, `check --account` and `status`: the `[accounts.NAME]`
+tables of the config file, checked once into typed `Account`s. Pure: no I/O but reading a
+password file or running a password command, and those only when asked.
+
+Every key is declared once in ACCOUNT_KEYS; an unknown key is an error, as at the top level.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from mailbox_relay.endpoint import is_loopback
+from mailbox_relay.outcome import ConfigError
+from mailbox_relay.settings import (
+    Layers,
+    parse_recipients,
+    parse_seconds,
+    parse_str,
+    parse_timeout,
+    read_password_file,
+)
+
+# Where each provider's IMAP lives. Both want implicit TLS on 993 (see docs: Gmail needs IMAP
+# turned on and an app password; Microsoft 365 turned basic auth off in 2022).
+PRESETS: Dict[str, Tuple[str, int, str]] = {
+    "gmail": ("imap.gmail.com", 993, "implicit"),
+    "microsoft": ("outlook.office365.com", 993, "implicit"),
+}
+TLS_MODES = ("implicit", "starttls", "none")
+AFTER_MODES = ("keep", "seen", "delete", "move:FOLDER")
+PASSWORD_COMMAND_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class After:
+    """What to do with a message once the ingress answered 2xx (never before)."""
+
+    action: str  # keep | seen | delete | move
+    folder: str = ""  # for move
+
+    def __str__(self) -> str:
+        return f"move:{self.folder}" if self.action == "move" else self.action
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    host: str
+    port: int
+    tls: str
+    username: str
+    folders: Tuple[str, ...]
+    after: After
+    start: str  # "new", "all", or an ISO date (only mail on or after it)
+    envelope_recipient: Tuple[str, ...]
+    poll_interval: float  # seconds between polls where the server has no IDLE
+    idle_refresh: float  # re-issue IDLE (and so prove the connection alive) this often
+    timeout: float  # for each IMAP command and the connection
+    ca_bundle: Optional[str]
+    password_source: Tuple[str, str]  # ("file" | "command" | "config", its value) — never logged
+
+    @property
+    def start_date(self) -> Optional[datetime.date]:
+        return None if self.start in ("new", "all") else datetime.date.fromisoformat(self.start)
+
+    def password(self) -> str:
+        """The IMAP password, read now (a password command runs each time, without a shell)."""
+        kind, value = self.password_source
+        if kind == "file":
+            return read_password_file(value, f"password_file of account {self.name}")[0]
+        if kind == "command":
+            return _run_password_command(value, self.name)
+        return value
+
+    def describe(self) -> List[str]:
+        """For -v and check: every setting of the account, the password only by where it lives."""
+        kind, value = self.password_source
+        where = "in the config file" if kind == "config" else f"{kind} {value}"
+        return [
+            f"account {self.name}: {self.username} at {self.host}:{self.port} (tls {self.tls})",
+            f"account {self.name}: folders {', '.join(self.folders)}; after {self.after}; "
+            f"start {self.start}; password {where}",
+        ]
+
+
+def _run_password_command(command: str, account: str) -> str:
+    try:
+        result = subprocess.run(
+            shlex.split(command),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PASSWORD_COMMAND_SECONDS,
+            check=False,
+        )
+    except (OSError, ValueError, subprocess.TimeoutExpired) as error:
+        raise ConfigError(f"password_command of account {account} failed to run: {error}") from None
+    first_line = result.stdout.decode("utf-8", "replace").split("\n")[0].rstrip("\r")
+    if result.returncode != 0 or not first_line:
+        problem = f"exited {result.returncode}" if result.returncode else "printed no password"
+        raise ConfigError(f"password_command of account {account} {problem}; run it by hand to see why")
+    return first_line
+
+
+# --- parsing ----------------------------------------------------------------------------------
+
+
+def _choice(choices: Tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigError(f"{where} must be a port number (1 to 65535), not {value!r}")
+    return value
+
+
+def _folders(value: Any, where: str) -> Tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(f, str) and f for f in value):
+        raise ConfigError(f"{where} must be a non-empty list of folder names, not {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _after(value: Any, where: str) -> After:
+    text = parse_str(value, where)
+    if text in ("keep", "seen", "delete"):
+        return After(text)
+    if text.startswith("move:") and text[5:]:
+        return After("move", text[5:])
+    raise ConfigError(f"{where} must be one of {', '.join(AFTER_MODES)}, not {value!r}")
+
+
+def _start(value: Any, where: str) -> str:
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        return value.isoformat()  # TOML's bare date: start = 2024-01-31
+    text = parse_str(value, where)
+    if text in ("new", "all"):
+        return text
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ConfigError(f"{where} must be new, all or a date such as 2024-01-31, not {value!r}") from None
+
+
+def _poll(value: Any, where: str) -> float:
+    seconds = parse_seconds(value, where)
+    if seconds < 1:
+        raise ConfigError(f"{where} must be at least 1 second, not {value!r}")
+    return seconds
+
+
+# key -> (parser, default). `None` as default: no default (required, or derived).
+ACCOUNT_KEYS: Dict[str, Tuple[Callable[[Any, str], Any], Any]] = {
+    "provider": (_choice(tuple(PRESETS)), None),
+    "host": (parse_str, None),
+    "port": (_port, None),
+    "tls": (_choice(TLS_MODES), None),
+    "username": (parse_str, None),
+    "password_file": (parse_str, None),
+    "password_command": (parse_str, None),
+    "password": (parse_str, None),
+    "folders": (_folders, ("INBOX",)),
+    "after": (_after, After("keep")),
+    "start": (_start, "new"),
+    "envelope_recipient": (parse_recipients, ()),
+    "poll_interval": (_poll, 60.0),
+    "idle_refresh": (_poll, 90.0),
+    "timeout": (parse_timeout, 30.0),
+    "ca_bundle": (parse_str, None),
+}
+PASSWORD_KEYS = ("password_file", "password_command", "password")
+
+
+def parse_account(name: str, table: Any, path: str) -> Account:
+    where = f"[accounts.{name}] in {path}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"accounts.{name} in {path} must be a table ([accounts.{name}])")
+    unknown = sorted(set(table) - set(ACCOUNT_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(ACCOUNT_KEYS)}")
+    values = {
+        key: parse(table[key], f"{key} of {where}") if key in table else default
+        for key, (parse, default) in ACCOUNT_KEYS.items()
+    }
+    host, port, tls = _server(values, where)
+    if values["username"] is None:
+        raise ConfigError(f"{where} has no username")
+    return Account(
+        name=name,
+        host=host,
+        port=port,
+        tls=tls,
+        username=values["username"],
+        folders=values["folders"],
+        after=values["after"],
+        start=values["start"],
+        envelope_recipient=values["envelope_recipient"],
+        poll_interval=values["poll_interval"],
+        idle_refresh=values["idle_refresh"],
+        timeout=values["timeout"],
+        ca_bundle=values["ca_bundle"],
+        password_source=_password_source(values, where),
+    )
+
+
+def _server(values: Mapping[str, Any], where: str) -> Tuple[str, int, str]:
+    """host, port and tls: the preset's, each overridable; without a preset, host is required."""
+    preset_host, preset_port, preset_tls = PRESETS.get(values["provider"] or "", ("", 0, "implicit"))
+    host = values["host"] or preset_host
+    if not host:
+        raise ConfigError(f"{where} needs host (or provider = {' or '.join(PRESETS)})")
+    tls = values["tls"] or preset_tls
+    port = values["port"] or preset_port or (993 if tls == "implicit" else 143)
+    if tls == "none" and not is_loopback(host):
+        # The IMAP password would cross the network in clear.
+        raise ConfigError(f"{where}: tls = none is allowed only to a loopback host, not {host}")
+    return host, port, tls
+
+
+def _password_source(values: Mapping[str, Any], where: str) -> Tuple[str, str]:
+    given = [key for key in PASSWORD_KEYS if values[key] is not None]
+    if len(given) != 1:
+        problem = "has no" if not given else f"has {' and '.join(given)}; give only one"
+        raise ConfigError(f"{where} {problem} password_file, password_command or password")
+    key = given[0]
+    if key == "password_command":
+        try:
+            if not shlex.split(values[key]):
+                raise ValueError("it is empty")
+        except ValueError as error:
+            raise ConfigError(f"password_command of {where} cannot be split into words: {error}") from None
+    return ("config" if key == "password" else key.split("_")[1], values[key])
+
+
+def accounts_from(config: Mapping[str, Any], path: Optional[str]) -> Dict[str, Account]:
+    """Every account of the config file, checked; {} when it has none."""
+    tables = config.get("accounts", {})
+    where = path or "the config file"
+    if not isinstance(tables, dict):
+        raise ConfigError(f"accounts in {where} must be tables: [accounts.NAME]")
+    return {name: parse_account(name, table, where) for name, table in tables.items()}
+
+
+def choose_accounts(
+    accounts: Mapping[str, Account], names: Tuple[str, ...], path: Optional[str]
+) -> List[Account]:
+    """The accounts named (all of them when none is), or ConfigError naming what exists."""
+    if not accounts:
+        raise ConfigError(
+            f"no IMAP accounts: add an [accounts.NAME] table to {path or 'the config file'} "
+            '(see README, "Fetching from IMAP")'
+        )
+    missing = [name for name in names if name not in accounts]
+    if missing:
+        raise ConfigError(f"no account {missing[0]!r}; configured: {', '.join(accounts)}")
+    return [accounts[name] for name in (names or tuple(accounts))]
+
+
+def load_accounts(layers: Layers, names: Sequence[str]) -> List[Account]:
+    """The accounts of the layers' config file that `names` choose (all when empty)."""
+    return choose_accounts(accounts_from(layers.config, layers.config_path), tuple(names), layers.config_path)

@@ -1,0 +1,193 @@
+"""`fetch`, `watch` and `status`: IMAP accounts into the ingress (see fetching.py, watcher.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from mailbox_relay.cli.options import config_option, settings_options, usage_errors
+from mailbox_relay.log import nowhere, say, to_stderr
+from mailbox_relay.outcome import Exit
+from mailbox_relay.settings import CONNECTION, DELIVERY, FETCH
+
+ACCOUNTS = """
+IMAP accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
+IMAP"). Messages are read with BODY.PEEK[] (nothing is marked \\Seen), sent exactly as
+stored, and `after` (keep, seen, delete, move:FOLDER) is applied only once the ingress
+answered 2xx. The state (per account and folder: UIDVALIDITY and the last delivered UID)
+makes every run catch up from where the last one stopped, however long ago.
+"""
+
+FETCH_HELP = f"""Fetch new mail from every IMAP account (or those named) once, then exit.
+{ACCOUNTS}
+A message the ingress refuses on its own (a 500 for that message only) is tried again on
+later runs with growing delays, and quarantined after --max-tries once other messages got
+through: it stays on the server, and `status` lists it. An invalid message is recorded and
+left on the server. An answer every message would get (401, 404, TLS, connection refused)
+pauses that folder until the next run.
+
+\b
+Exit codes:
+   0  everything found was delivered
+  75  something failed and may pass on a later run (or a setting is wrong)
+  65  only invalid messages are left
+  64  usage error
+"""
+
+WATCH_HELP = f"""Stay connected and deliver each message as it arrives (IMAP IDLE, or polling).
+{ACCOUNTS}
+One process serves every account and folder. It logs one line per event to stderr, never
+exits on network, IMAP or ingress trouble (it reconnects with backoff and catches up), and on
+SIGTERM or Ctrl-C finishes the delivery in flight, logs out and exits 0.
+
+\b
+Exit codes:
+   0  stopped by a signal
+  78  a setting is wrong, or an IMAP login was rejected 3 times in a row
+  64  usage error
+"""
+
+STATUS_HELP = """Show, per account and folder, what fetch and watch have done (from the state file).
+
+Last successful sync, delivered / failed / quarantined / invalid counts, the last error and
+when it happened, and whether a watch is connected now. Changes nothing.
+"""
+
+_ACCOUNT = click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    metavar="NAME",
+    help="Only this account (repeatable); all accounts by default.",
+)
+
+
+@click.command(help=FETCH_HELP, short_help="Fetch new IMAP mail once (cron, systemd timers).")
+@_ACCOUNT
+@settings_options(CONNECTION, DELIVERY, FETCH)
+@click.option(
+    "--retry-quarantined", is_flag=True, help="Give quarantined messages a fresh set of tries first."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print the summary only if something failed.")
+def fetch(
+    accounts: Tuple[str, ...],
+    verbose: bool,
+    retry_quarantined: bool,
+    as_json: bool,
+    quiet: bool,
+    **options: Any,
+) -> Exit:
+    from mailbox_relay.fetching import fetch_once, open_context
+    from mailbox_relay.outcome import RelayError
+    from mailbox_relay.signals import stop_signals
+
+    stop: List[bool] = []
+    try:
+        with usage_errors():
+            context = open_context(options, os.environ, accounts)
+        if verbose:
+            for line in context.describe():
+                to_stderr(line)
+        if retry_quarantined:
+            _release(context)
+        with stop_signals(lambda: stop.append(True)):
+            summary = fetch_once(
+                context, log=to_stderr, events=to_stderr if verbose else nowhere, stopping=lambda: bool(stop)
+            )
+    except RelayError as error:
+        say(error.outcome.line())
+        return Exit.TEMPFAIL
+    if as_json:
+        import json
+
+        say(json.dumps(summary.as_json(), indent=2), err=False)
+    elif not quiet or summary.exit_code():
+        for line in summary.lines():
+            say(line, err=False)
+    return summary.exit_code()
+
+
+def _release(context: Any) -> None:
+    state = context.open_state()
+    try:
+        for account in context.accounts:
+            count = state.release(account.name)
+            if count:
+                to_stderr(f"{account.name}: {count} quarantined messages get a fresh set of tries")
+    finally:
+        state.close()
+
+
+@click.command(help=WATCH_HELP, short_help="Deliver IMAP mail as it arrives (IDLE), reconnecting forever.")
+@_ACCOUNT
+@settings_options(CONNECTION, DELIVERY, FETCH)
+def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
+    from mailbox_relay.fetching import open_context
+    from mailbox_relay.outcome import RelayError
+    from mailbox_relay.watcher import run_watch
+
+    try:
+        with usage_errors():
+            context = open_context(options, os.environ, accounts)
+            context.open_state().close()  # an unusable state file is a setting to fix: say it now
+    except RelayError as error:
+        say(error.outcome.line())
+        return Exit.CONFIG
+    if verbose:
+        for line in context.describe():
+            to_stderr(line)
+    names = ", ".join(f"{a.name} ({', '.join(a.folders)})" for a in context.accounts)
+    to_stderr(f"watching {names}; delivering to {context.settings.url}")
+    return run_watch(context, to_stderr)
+
+
+@click.command(help=STATUS_HELP, short_help="What fetch and watch have done, per account and folder.")
+@_ACCOUNT
+@settings_options(FETCH)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
+def status(accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
+    from mailbox_relay.fetching import folder_status
+    from mailbox_relay.outcome import RelayError
+
+    try:
+        with usage_errors():
+            rows, path = folder_status(options, os.environ, accounts)
+    except RelayError as error:
+        say(error.outcome.line())
+        return Exit.CONFIG
+    if as_json:
+        import json
+
+        say(json.dumps({"state": path, "folders": rows}, indent=2), err=False)
+        return Exit.OK
+    if not rows:
+        say(f"nothing fetched yet (state: {path})", err=False)
+    for row in rows:
+        for line in _status_lines(row):
+            say(line, err=False)
+    return Exit.OK
+
+
+def _status_lines(row: Dict[str, Any]) -> List[str]:
+    watching = f"watched now by pid {row['watcher_pid']}" if row["watching"] else "not watched now"
+    lines = [
+        f"{row['account']}/{row['folder']}: last sync {_when(row['last_sync'])}; {watching}",
+        f"  delivered {row['delivered']}, failed {row['failed']}, quarantined {row['quarantined']}, "
+        f"invalid {row['invalid']}; last delivery {_when(row['last_delivered'])}",
+    ]
+    if row["last_error"]:
+        lines.append(f"  last error ({_when(row['last_error_at'])}): {row['last_error']}")
+    for item in row["quarantined_uids"]:
+        lines.append(f"  quarantined UID {item['uid']} after {item['tries']} tries: {item['reason']}")
+    return lines
+
+
+def _when(timestamp: Optional[float]) -> str:
+    if timestamp is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))

@@ -1,0 +1,265 @@
+"""One pass over one IMAP folder: find what is new or due again, deliver it, acknowledge it.
+
+The rules that keep mail safe live here, apart from IMAP (imap.py) and HTTP (ingress/client.py):
+- a message is changed on the server (`after`) only once the ingress answered 2xx, and the
+  state records it only after that, so a crash in between re-posts the same bytes (Rails
+  stores them once) rather than losing anything;
+- an invalid message is recorded, copied to failed_dir, and left on the server;
+- a message that fails on its own is tried again later, with growing delays, and quarantined
+  after `max_tries` once other messages got through: it never blocks the queue;
+- an answer every message would get (401, 404, TLS, connection refused) pauses the folder
+  without counting a try against any message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence
+
+from mailbox_relay.accounts import Account, After
+from mailbox_relay.fetchstate import FetchState, FolderState
+from mailbox_relay.imap import FolderInfo
+from mailbox_relay.log import Log, nowhere
+from mailbox_relay.maildir import MaildirWriter
+from mailbox_relay.message import Prepared, prepare
+from mailbox_relay.outcome import InvalidMessage, Kind, Outcome, Reason
+
+Post = Callable[[Prepared], Outcome]
+
+# Answers that say nothing about the message: the ingress is down or busy for everyone. They
+# pause the folder and count no try (systemic answers, 401/404/TLS..., do the same).
+INGRESS_WIDE = frozenset({Reason.UNREACHABLE, Reason.BUSY, Reason.INTERRUPTED})
+PAUSE_AFTER_FAILURES = 3  # message failures in a row with nothing delivered: stop this pass
+SIZE_BATCH = 500  # UIDs per RFC822.SIZE fetch
+BODY_BATCH = 100  # messages per BODY.PEEK[] fetch,
+BODY_BATCH_BYTES = 8 * 1024 * 1024  # and at most this many bytes (a larger message goes alone)
+
+
+class Folder(Protocol):
+    """The IMAP side of a pass (imap.ImapFolder)."""
+
+    def select(self, name: str) -> FolderInfo: ...
+
+    def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]: ...
+
+    def sizes(self, uids: Sequence[int]) -> Dict[int, int]: ...
+
+    def fetch(self, uids: Sequence[int]) -> Dict[int, bytes]: ...
+
+    def acknowledge(self, uids: Sequence[int], after: After) -> None: ...
+
+
+@dataclass
+class FolderResult:
+    account: str
+    folder: str
+    found: int = 0
+    delivered: int = 0
+    invalid: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    gone: int = 0  # expunged by someone else before we got to it
+    waiting: int = 0  # failed earlier, not yet due for another try
+    paused: Optional[str] = None  # the answer that stopped the pass
+    failures: List[Dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> Dict[str, Any]:
+        return dict(vars(self))
+
+
+class FolderSync:
+    def __init__(
+        self,
+        account: Account,
+        state: FetchState,
+        post: Post,
+        *,
+        max_size: Optional[int] = None,
+        recipients: Sequence[str] = (),
+        max_tries: int = 5,
+        failed: Optional[MaildirWriter] = None,
+        log: Log = nowhere,
+        events: Log = nowhere,
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.account = account
+        self.state = state
+        self.post = post
+        self.max_size = max_size
+        self.recipients = account.envelope_recipient or tuple(recipients)
+        self.max_tries = max_tries
+        self.failed = failed
+        self.log = log  # problems
+        self.events = events  # every delivery too (watch)
+        self.stopping = stopping
+
+    def run(self, folder: Folder, name: str) -> FolderResult:
+        result = FolderResult(self.account.name, name)
+        info = folder.select(name)
+        known = self._known(info, name)
+        since = datetime.date.fromisoformat(known.since) if known.since else None
+        due = self.state.due(self.account.name, name, info.uidvalidity)
+        new = folder.search(known.last_uid, since)
+        retrying = set(due)
+        todo = due + [uid for uid in new if uid not in retrying]
+        result.found = len(todo)
+        run = _Pass(self, folder, info.uidvalidity, result)
+        run.deliver(todo)
+        stopped_early = result.paused is not None or self.stopping()
+        self.state.synced(self.account.name, name, complete=not stopped_early)
+        result.waiting = self.state.waiting(self.account.name, name)
+        return result
+
+    def _known(self, info: FolderInfo, name: str) -> FolderState:
+        """The folder's state; set up on first sight (per `start`) or after UIDVALIDITY changed."""
+        account = self.account
+        known = self.state.folder(account.name, name)
+        if known is not None and known.uidvalidity == info.uidvalidity:
+            return known
+        if known is None:
+            last_uid = info.uidnext - 1 if account.start == "new" else 0
+            since = account.start_date.isoformat() if account.start_date else None
+        else:
+            # Every UID is new. Deliver again what we may have delivered before (Rails stores
+            # identical bytes once), but not mail older than this folder's first sync.
+            last_uid = 0
+            since = self._since_after_reset(known)
+            self.log(
+                f"{account.name}/{name}: UIDVALIDITY changed ({known.uidvalidity} -> {info.uidvalidity}); "
+                f"delivering again everything {'since ' + since if since else 'in it'} "
+                "(Rails keeps one copy of identical messages)"
+            )
+        self.state.begin(account.name, name, info.uidvalidity, last_uid, since)
+        found = self.state.folder(account.name, name)
+        assert found is not None
+        return found
+
+    def _since_after_reset(self, known: FolderState) -> Optional[str]:
+        if self.account.start == "all":
+            return None
+        if self.account.start_date is not None:
+            return self.account.start_date.isoformat()
+        first = datetime.date.fromtimestamp(known.first_seen) - datetime.timedelta(days=1)
+        return first.isoformat()  # SINCE has day precision: a day early, never a day late
+
+
+class _Pass:
+    """The deliveries of one pass over one folder."""
+
+    def __init__(self, sync: FolderSync, folder: Folder, uidvalidity: int, result: FolderResult) -> None:
+        self.sync = sync
+        self.folder = folder
+        self.uidvalidity = uidvalidity
+        self.result = result
+        self.where = f"{sync.account.name}/{result.folder}"
+        self.failures_in_a_row = 0
+
+    @property
+    def done(self) -> bool:
+        return self.result.paused is not None or self.sync.stopping()
+
+    def deliver(self, uids: Sequence[int]) -> None:
+        for chunk in _chunks(uids, SIZE_BATCH):
+            sizes = self.folder.sizes(chunk)
+            for batch in self._body_batches(chunk, sizes):
+                if self.done:
+                    return
+                bodies = self.folder.fetch(batch)
+                for uid in batch:
+                    if self.done:
+                        return
+                    self._one(uid, bodies.pop(uid, None))
+
+    def _body_batches(self, uids: Sequence[int], sizes: Dict[int, int]) -> Iterator[List[int]]:
+        batch: List[int] = []
+        batch_bytes = 0
+        for uid in uids:
+            size = sizes.get(uid)
+            if size is None:
+                self._gone(uid)
+            elif self.sync.max_size is not None and size > self.sync.max_size:
+                detail = f"message is {size} bytes, over max_size {self.sync.max_size}"
+                self._invalid(uid, Outcome(Reason.TOO_BIG, detail), b"")
+            else:
+                if batch and (len(batch) >= BODY_BATCH or batch_bytes + size > BODY_BATCH_BYTES):
+                    yield batch
+                    batch, batch_bytes = [], 0
+                batch.append(uid)
+                batch_bytes += size
+        if batch:
+            yield batch
+
+    def _one(self, uid: int, raw: Optional[bytes]) -> None:
+        if raw is None:
+            self._gone(uid)
+            return
+        try:
+            prepared = prepare(raw, recipients=self.sync.recipients, max_size=self.sync.max_size)
+        except InvalidMessage as error:
+            self._invalid(uid, error.outcome, raw)
+            return
+        started = time.monotonic()
+        outcome = self.sync.post(prepared)
+        if outcome.delivered:
+            self._delivered(uid, prepared.size, time.monotonic() - started)
+        elif outcome.kind is Kind.PERMANENT:
+            self._invalid(uid, outcome, raw)
+        elif outcome.reason.systemic or outcome.reason in INGRESS_WIDE:
+            self._pause(outcome)
+        else:
+            self._failed(uid, outcome, raw)
+
+    def _delivered(self, uid: int, size: int, seconds: float) -> None:
+        sync = self.sync
+        sync_name = sync.account.name
+        # On the server first: if that fails, the state still says "not delivered" and the next
+        # pass posts the same bytes again, which Rails stores once, then acknowledges.
+        self.folder.acknowledge([uid], sync.account.after)
+        sync.state.delivered(sync_name, self.result.folder, self.uidvalidity, uid)
+        self.result.delivered += 1
+        self.failures_in_a_row = 0
+        sync.events(f"{self.where}: UID {uid} delivered ({size} bytes in {seconds:.2f}s)")
+
+    def _gone(self, uid: int) -> None:
+        self.sync.state.gone(self.sync.account.name, self.result.folder, self.uidvalidity, uid)
+        self.result.gone += 1
+
+    def _invalid(self, uid: int, outcome: Outcome, raw: bytes) -> None:
+        sync = self.sync
+        sync.state.invalid(sync.account.name, self.result.folder, self.uidvalidity, uid, outcome.line())
+        self.result.invalid += 1
+        self._note(uid, outcome, raw, "invalid, left on the server")
+
+    def _failed(self, uid: int, outcome: Outcome, raw: bytes) -> None:
+        sync = self.sync
+        status = sync.state.failed(
+            sync.account.name, self.result.folder, self.uidvalidity, uid, outcome.line(), sync.max_tries
+        )
+        if status == "quarantined":
+            self.result.quarantined += 1
+            self._note(uid, outcome, raw, f"quarantined after {sync.max_tries} tries, left on the server")
+            return
+        self.result.failed += 1
+        self._note(uid, outcome, b"", "will be tried again")
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= PAUSE_AFTER_FAILURES:
+            self._pause(outcome)
+
+    def _pause(self, outcome: Outcome) -> None:
+        self.result.paused = outcome.line()
+        self.sync.state.error(self.sync.account.name, self.result.folder, outcome.line())
+        self.sync.log(f"{self.where}: paused: {outcome.line()}")
+
+    def _note(self, uid: int, outcome: Outcome, raw: bytes, what: str) -> None:
+        record: Dict[str, Any] = {"uid": uid, "reason": outcome.line(), "what": what}
+        if self.sync.failed is not None and raw:
+            record["saved_as"] = self.sync.failed.store(raw)[1]
+        self.result.failures.append(record)
+        self.sync.log(f"{self.where}: UID {uid} {what}: {outcome.line()}")
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

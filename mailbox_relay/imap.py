@@ -1,0 +1,220 @@
+"""The IMAP side of `fetch`, `watch` and `check --account`, on IMAPClient (imported here only).
+
+`connect` opens and logs in, turning every way that can fail into an `ImapProblem` with one
+line that says what to do. `ImapFolder` is the only code that talks IMAP for a sync: it reads
+with `BODY.PEEK[]` (the exact bytes, no \\Seen), and changes a message only when told to after
+the ingress said 2xx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from mailbox_relay.accounts import Account, After
+from mailbox_relay.outcome import ConfigError
+
+# IMAPClient logs warnings through `logging`, which would reach stderr on its own.
+logging.getLogger("imapclient").addHandler(logging.NullHandler())
+logging.getLogger("imapclient").propagate = False
+
+KEEPALIVE = (60, 15, 4)  # idle seconds, interval, probes: a peer gone silent is noticed in ~2 min
+
+
+class ImapProblem(Exception):
+    """Why an IMAP connection or command failed. `login` problems need a person; others pass."""
+
+    def __init__(self, kind: str, line: str) -> None:
+        super().__init__(line)
+        self.kind = kind  # dns | connect | tls | login | folder | protocol | network
+        self.line = line
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+def _client_class() -> Any:
+    from imapclient import IMAPClient
+
+    return IMAPClient
+
+
+def tls_context(account: Account) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=account.ca_bundle)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"ca_bundle of account {account.name} cannot be used: {error}") from None
+
+
+def open_connection(account: Account) -> Any:
+    """Connected (and TLS-protected, unless tls = none to loopback), not yet logged in."""
+    where = f"{account.host}:{account.port}"
+    try:
+        client = _client_class()(
+            account.host,
+            account.port,
+            ssl=account.tls == "implicit",
+            ssl_context=tls_context(account) if account.tls != "none" else None,
+            timeout=account.timeout,
+        )
+        if account.tls == "starttls":
+            client.starttls(tls_context(account))
+    except socket.gaierror as error:
+        raise ImapProblem("dns", f"cannot resolve {account.host}: {error.strerror}") from None
+    except ssl.SSLError as error:
+        raise ImapProblem(
+            "tls", f"TLS with {where} failed: {_ssl_reason(error)}{_tls_hint(account)}"
+        ) from None
+    except (OSError, EOFError) as error:
+        raise ImapProblem("connect", f"cannot connect to {where}: {_os_reason(error)}") from None
+    except Exception as error:  # IMAPClient's own errors: no IMAP greeting, STARTTLS refused
+        raise ImapProblem("protocol", f"{where} does not speak IMAP as expected: {error}") from None
+    _keepalive(client.socket())
+    return client
+
+
+def _ssl_reason(error: ssl.SSLError) -> str:
+    return getattr(error, "verify_message", None) or error.reason or str(error)
+
+
+def _tls_hint(account: Account) -> str:
+    if account.tls == "implicit":
+        return f' (is port {account.port} implicit TLS? for STARTTLS set tls = "starttls")'
+    return ""
+
+
+def _os_reason(error: BaseException) -> str:
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """A connection that died without FIN or RST (NAT timeout, a host gone) raises in ~2 min."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    idle, interval, count = KEEPALIVE
+    for option, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def login(client: Any, account: Account) -> None:
+    from imapclient.exceptions import LoginError
+
+    password = account.password()
+    try:
+        client.login(account.username, password)
+    except LoginError as error:
+        raise ImapProblem(
+            "login",
+            f"IMAP login of {account.username} at {account.host} was rejected ({_text(error)}): "
+            f"check the password of account {account.name}",
+        ) from None
+    except (OSError, EOFError) as error:
+        raise ImapProblem(
+            "network", f"connection to {account.host} lost at login: {_os_reason(error)}"
+        ) from None
+
+
+def connect(account: Account) -> Any:
+    client = open_connection(account)
+    try:
+        login(client, account)
+    except BaseException:
+        close(client)
+        raise
+    return client
+
+
+def close(client: Any) -> None:
+    """LOGOUT if the connection still works; never raises."""
+    try:
+        client.logout()
+    except Exception:
+        with contextlib.suppress(Exception):
+            client.shutdown()
+
+
+def _text(error: BaseException) -> str:
+    text = str(error)
+    return text[2:-1] if text.startswith("b'") else text
+
+
+def capabilities(client: Any) -> List[str]:
+    return sorted(c.decode("ascii", "replace") for c in client.capabilities())
+
+
+class ImapFolder:
+    """One selected folder of one connection: what the sync needs, nothing more."""
+
+    def __init__(self, client: Any, account: Account) -> None:
+        self.client = client
+        self.account = account
+        self.name = ""
+
+    def select(self, name: str) -> FolderInfo:
+        """SELECT (EXAMINE when nothing will be changed, so even flags stay as they are)."""
+        from imapclient.exceptions import IMAPClientError
+
+        try:
+            info = self.client.select_folder(name, readonly=self.account.after.action == "keep")
+        except IMAPClientError as error:
+            raise ImapProblem(
+                "folder", f"folder {name!r} of account {self.account.name} cannot be opened: {_text(error)}"
+            ) from None
+        self.name = name
+        uidnext = int(info.get(b"UIDNEXT", 0))
+        if not uidnext:  # an old server: the highest UID + 1
+            uidnext = max(self.client.search(["ALL"]) or [0]) + 1
+        return FolderInfo(int(info[b"UIDVALIDITY"]), uidnext, int(info.get(b"EXISTS", 0)))
+
+    def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]:
+        """UIDs above `after_uid` (and on or after `since`), ascending. `N:*` always matches the
+        highest UID even below N, so that one is filtered out here."""
+        criteria: List[Any] = ["UID", f"{after_uid + 1}:*"]
+        if since is not None:
+            criteria += ["SINCE", since]
+        return sorted(uid for uid in self.client.search(criteria) if uid > after_uid)
+
+    def sizes(self, uids: Sequence[int]) -> Dict[int, int]:
+        if not uids:
+            return {}
+        found = self.client.fetch(list(uids), ["RFC822.SIZE"])
+        return {uid: int(data[b"RFC822.SIZE"]) for uid, data in found.items() if b"RFC822.SIZE" in data}
+
+    def fetch(self, uids: Sequence[int]) -> Dict[int, bytes]:
+        """The exact bytes (BODY.PEEK[]: nothing is marked \\Seen). A UID expunged meanwhile is
+        simply absent."""
+        found = self.client.fetch(list(uids), ["BODY.PEEK[]"])
+        return {uid: bytes(data[b"BODY[]"]) for uid, data in found.items() if data.get(b"BODY[]") is not None}
+
+    def acknowledge(self, uids: Iterable[int], after: After) -> None:
+        """What `after` says, for messages the ingress accepted. With UIDPLUS only our messages
+        are expunged (plain EXPUNGE would remove other clients' \\Deleted mail too)."""
+        uids = list(uids)
+        if not uids or after.action == "keep":
+            return
+        if after.action == "seen":
+            self.client.add_flags(uids, [b"\\Seen"], silent=True)
+        elif after.action == "move" and self.client.has_capability("MOVE"):
+            self.client.move(uids, after.folder)
+        else:
+            if after.action == "move":
+                self.client.copy(uids, after.folder)
+            self.client.add_flags(uids, [b"\\Deleted"], silent=True)
+            self._expunge(uids)
+
+    def _expunge(self, uids: List[int]) -> None:
+        if self.client.has_capability("UIDPLUS"):
+            self.client.uid_expunge(uids)
+        # Without UIDPLUS the messages stay flagged \Deleted: a plain EXPUNGE could remove mail
+        # another client flagged but still wanted (it is the server's or the user's to purge).

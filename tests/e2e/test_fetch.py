@@ -1,0 +1,432 @@
+"""fetch, watch, status and check --account against the real Dovecot, into a 204 ingress, the
+real Rails app, and through a TCP proxy that resets, closes or blackholes the IMAP connection."""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+from ..helpers import invoke, wait_for
+from ..peers import FaultProxy, Ingress204, LocalServe
+from .world import Dovecot, RailsApp, message
+
+
+class Account:
+    """One Dovecot user and a config file whose [accounts.box] reads it."""
+
+    def __init__(
+        self, dovecot: Dovecot, tmp: Path, url: str, ingress_password: str = "pw", **account: Any
+    ) -> None:
+        self.dovecot = dovecot
+        self.user = dovecot.new_user()
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp
+        self.config = tmp / "config.toml"
+        self.state = tmp / "fetch.sqlite3"
+        self.write(url, ingress_password, **account)
+
+    def write(
+        self, url: str, ingress_password: str = "pw", port: Optional[int] = None, **account: Any
+    ) -> None:
+        settings: Dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": port or self.dovecot.port,
+            "tls": "none",
+            "username": self.user,
+            "password": f"secret-{self.user}",
+            "start": "all",
+            **account,
+        }
+        lines = [
+            f'url = "{url}"',
+            f'password = "{ingress_password}"',
+            f'fetch_state = "{self.state}"',
+            "retry_for = 0",
+        ]
+        lines += ["", "[accounts.box]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def env(self) -> Dict[str, str]:
+        return {"MAILBOX_RELAY_CONFIG": str(self.config)}
+
+    def imap(self) -> imaplib.IMAP4:
+        return self.dovecot.imap(self.user)
+
+    def append(self, *raws: bytes, folder: str = "INBOX", date: Optional[float] = None) -> None:
+        client = self.imap()
+        for raw in raws:
+            when = imaplib.Time2Internaldate(date) if date else None
+            assert client.append(folder, None, when, raw)[0] == "OK"
+        client.logout()
+
+    def flags(self, folder: str = "INBOX") -> List[str]:
+        client = self.imap()
+        client.select(folder, readonly=True)
+        _, data = client.fetch("1:*", "(FLAGS)")
+        client.logout()
+        return [item.decode() for item in data if isinstance(item, bytes)]
+
+    def count(self, folder: str = "INBOX") -> int:
+        client = self.imap()
+        status, data = client.select(folder, readonly=True)
+        client.logout()
+        assert status == "OK", data
+        return int(data[0] or 0)
+
+    def create(self, folder: str) -> None:
+        client = self.imap()
+        client.create(folder)
+        client.logout()
+
+    def fetch(self, *args: str) -> tuple[int, str, str]:
+        return invoke(["fetch", *args], env=self.env())
+
+    def make_due(self) -> None:
+        """As if the retry delay had passed."""
+        with sqlite3.connect(self.state) as db:
+            db.execute("UPDATE messages SET next_try = 0")
+
+
+def messages(count: int, prefix: str = "fetch") -> List[bytes]:
+    return [message(f"{prefix} {n}") for n in range(count)]
+
+
+@pytest.fixture
+def ingress() -> Iterator[Ingress204]:
+    with Ingress204() as server:
+        yield server
+
+
+# --- fetch ----------------------------------------------------------------------------------
+
+
+def test_fetch_delivers_each_message_once_byte_exact_and_a_second_fetch_none(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url)
+    # IMAP stores CRLF; what it holds is what must arrive, 8-bit bytes included.
+    raws = [*messages(5), b"From: a@example.com\r\nSubject: 8-bit\r\n\r\n\xe9\xff body\r\n"]
+    box.append(*raws)
+    code, out, err = box.fetch()
+    assert (code, err) == (0, ""), out
+    assert sorted(ingress.bodies) == sorted(raws)
+    assert "6 found, 6 delivered" in out
+    assert not any("\\Seen" in flags for flags in box.flags())  # BODY.PEEK[]: nothing marked read
+    code, out, err = box.fetch("--json")
+    assert json.loads(out)["delivered"] == 0 and code == 0
+    assert len(ingress.bodies) == 6
+
+
+def test_start_new_skips_what_was_there_and_delivers_what_arrives_after(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, start="new")
+    box.append(*messages(3, "old"))
+    assert box.fetch()[0] == 0
+    assert ingress.bodies == []
+    box.append(message("new one"))
+    assert box.fetch()[0] == 0
+    assert ingress.bodies == [message("new one")]
+
+
+def test_start_date_delivers_mail_since_that_day_then_everything_new(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, start="2024-06-01")
+    box.append(message("before"), date=time.mktime((2024, 5, 1, 12, 0, 0, 0, 0, -1)))
+    box.append(message("after"), date=time.mktime((2024, 7, 1, 12, 0, 0, 0, 0, -1)))
+    assert box.fetch()[0] == 0
+    assert ingress.bodies == [message("after")]
+    # Once caught up, any new UID counts, whatever its date (mail moved in from an archive).
+    box.append(message("moved in, old date"), date=time.mktime((2020, 1, 1, 12, 0, 0, 0, 0, -1)))
+    assert box.fetch()[0] == 0
+    assert ingress.bodies[-1] == message("moved in, old date")
+
+
+@pytest.mark.parametrize("after", ["keep", "seen", "delete", "move:Processed"])
+def test_after_is_applied_only_after_2xx(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, after: str
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, after=after)
+    if after.startswith("move:"):
+        box.create("Processed")
+    box.append(*messages(3, after))
+    # The ingress down, then a wrong password: nothing on the server may change.
+    with LocalServe(str(tmp_path / "serve"), password="right") as serve:
+        for url, password, line in (
+            (ingress.url.replace(str(ingress.port), "9"), "pw", "4.4.1"),
+            (serve.url, "wrong", "4.7.0"),
+        ):
+            box.write(url, password, after=after)
+            code, out, _ = box.fetch()
+            assert code == 75 and f"paused: {line}" in out, out
+            assert box.count() == 3 and not any("\\Seen" in f or "\\Deleted" in f for f in box.flags())
+    box.write(ingress.url, after=after)
+    assert box.fetch()[0] == 0
+    assert len(ingress.bodies) == 3
+    if after == "keep":
+        assert box.count() == 3 and not any("\\Seen" in flags for flags in box.flags())
+    elif after == "seen":
+        assert all("\\Seen" in flags for flags in box.flags())
+    elif after == "delete":
+        assert box.count() == 0
+    else:
+        assert (box.count(), box.count("Processed")) == (0, 3)
+
+
+def test_an_invalid_message_is_recorded_left_on_the_server_and_saved(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, after="delete")
+    invalid = b"this line is not a header field\r\n\r\nbody\r\n"
+    box.append(message("good 1"), invalid, message("good 2"))
+    code, out, err = box.fetch("--failed-dir", str(tmp_path / "failed"))
+    assert code == 65, out
+    assert "UID 2 invalid, left on the server: 5.6.0" in err
+    assert ingress.bodies == [message("good 1"), message("good 2")]
+    assert box.count() == 1
+    saved = list((tmp_path / "failed" / "new").iterdir())
+    assert [path.read_bytes() for path in saved] == [invalid]
+    assert box.fetch()[0] == 0  # recorded: not tried again
+    code, out, _ = invoke(["status", "--json"], env=box.env())
+    row = json.loads(out)["folders"][0]
+    assert (row["delivered"], row["invalid"], row["failed"]) == (2, 1, 0)
+
+
+def test_a_poison_message_is_quarantined_while_the_others_flow(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, after="delete")
+    box.config.write_text(box.config.read_text().replace("retry_for = 0", "retry_for = 0\nmax_tries = 3"))
+    poison = message("poison", extra="X-Poison: yes\r\n")
+    box.append(poison, message("fine 1"))
+    ingress.poison = b"X-Poison: yes"
+    code, out, _ = box.fetch()
+    assert code == 75 and "1 failed" in out, out
+    assert ingress.bodies == [message("fine 1")]
+    for n in range(2, 4):
+        box.append(message(f"fine {n}"))
+        box.make_due()
+        code, out, _ = box.fetch()
+        assert code == 75
+    assert "1 quarantined" in out, out
+    assert ingress.bodies == [message(f"fine {n}") for n in range(1, 4)]
+    assert box.count() == 1  # the poison message is still on the server
+    box.append(message("fine 4"))
+    box.make_due()
+    code, out, _ = box.fetch()
+    assert code == 0 and ingress.bodies[-1] == message("fine 4"), out  # quarantined: not tried
+    _, out, _ = invoke(["status"], env=box.env())
+    assert "quarantined UID 1 after 3 tries: 4.3.0" in out, out
+
+
+def test_the_same_500_for_everyone_quarantines_nothing(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url)
+    box.config.write_text(box.config.read_text().replace("retry_for = 0", "retry_for = 0\nmax_tries = 2"))
+    box.append(*messages(4, "broken app"))
+    ingress.status = 500
+    for _ in range(4):
+        code, out, _ = box.fetch()
+        assert code == 75 and "quarantined" not in out, out
+        box.make_due()
+    ingress.status = 204
+    assert box.fetch()[0] == 0
+    assert sorted(ingress.bodies) == sorted(messages(4, "broken app"))
+
+
+def test_a_new_uidvalidity_loses_nothing(tmp_path: Path, dovecot: Dovecot, ingress: Ingress204) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, folders=["Work"], start="new")
+    box.create("Work")
+    assert box.fetch()[0] == 0
+    box.append(message("work 1"), folder="Work")
+    assert box.fetch()[0] == 0
+    client = box.imap()  # the folder recreated: a new UIDVALIDITY, UIDs from 1 again
+    client.delete("Work")
+    client.create("Work")
+    client.logout()
+    box.append(message("work 1"), message("work 2"), folder="Work")
+    code, _, err = box.fetch()
+    assert code == 0 and "UIDVALIDITY changed" in err
+    assert message("work 2") in ingress.bodies  # with UID 2, not above the old watermark of 1
+
+
+def test_a_wrong_imap_password_and_a_missing_folder_fail_the_run_with_their_line(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, password="wrong", folders=["INBOX", "Nope"])
+    code, out, _ = box.fetch()
+    assert code == 75 and "IMAP login of" in out and "was rejected" in out, out
+    box.write(ingress.url, folders=["Nope", "INBOX"])
+    box.append(message("still fetched"))
+    code, out, _ = box.fetch()
+    assert code == 75 and "folder 'Nope' of account box cannot be opened" in out, out
+    assert ingress.bodies == [message("still fetched")]
+
+
+# --- check --account -----------------------------------------------------------------------
+
+
+def test_check_account_tells_password_folder_and_tls_apart(tmp_path: Path, dovecot: Dovecot) -> None:
+    with LocalServe(str(tmp_path / "serve")) as serve:
+        box = Account(dovecot, tmp_path, serve.url, folders=["INBOX"])
+        box.append(*messages(2, "check"))
+        code, out, _ = invoke(["check", "--account", "box"], env=box.env())
+        assert code == 0, out
+        assert "INBOX: 2 messages" in out and "IDLE yes" in out and "ready" in out
+        assert serve.maildir.count() == 0  # created nothing
+        box.write(serve.url, password="wrong")
+        code, out, _ = invoke(["check", "--account", "box"], env=box.env())
+        assert code == 77 and "✗ imap login" in out and "was rejected" in out, out
+        box.write(serve.url, folders=["Nope"])
+        code, out, _ = invoke(["check", "--account", "box"], env=box.env())
+        assert code == 78 and "✗ folder Nope" in out, out
+        box.write(serve.url, tls="implicit")
+        code, out, _ = invoke(["check", "--account", "box"], env=box.env())
+        assert code == 69 and "✗ imap tls" in out, out
+
+
+# --- watch ---------------------------------------------------------------------------------
+
+
+class Watch:
+    def __init__(self, box: Account, *args: str) -> None:
+        self.log = box.tmp / f"watch-{time.monotonic_ns()}.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mailbox_relay", "watch", *args],
+            env={**os.environ, **box.env()},
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+        )
+        self.wait_for(lambda: "waiting for new mail" in self.text(), 20)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, condition: Callable[[], object], seconds: float) -> None:
+        try:
+            wait_for(condition, seconds)
+        except AssertionError:
+            raise AssertionError(f"timed out; watch said:\n{self.text()}") from None
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def watches() -> Iterator[List[Watch]]:
+    started: List[Watch] = []
+    yield started
+    for watch in started:
+        watch.kill()
+
+
+def test_watch_delivers_each_arrival_within_seconds_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch]
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, start="new")
+    watches.append(Watch(box))
+    for n in range(3):
+        sent = time.monotonic()
+        box.append(message(f"live {n}"))
+        wait_for(lambda n=n: len(ingress.bodies) > n, 5)  # type: ignore[misc]
+        assert time.monotonic() - sent < 3
+    _, out, _ = invoke(["status", "--json"], env=box.env())
+    assert json.loads(out)["folders"][0]["watching"] is True
+    assert watches[0].stop() == 0
+    assert "stopped" in watches[0].text()
+    _, out, _ = invoke(["status", "--json"], env=box.env())
+    assert json.loads(out)["folders"][0]["watching"] is False
+
+
+@pytest.mark.parametrize("fault", ["rst", "fin", "blackhole"])
+def test_watch_survives_a_broken_connection(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch], fault: str
+) -> None:
+    with FaultProxy(dovecot.port) as proxy:
+        box = Account(dovecot, tmp_path, ingress.url, start="new", port=proxy.port, idle_refresh=2, timeout=2)
+        watches.append(Watch(box))
+        getattr(proxy, fault)()
+        box.append(message(f"after {fault}"))
+        watches[0].wait_for(lambda: message(f"after {fault}") in ingress.bodies, 20)
+        assert proxy.connections >= 2, watches[0].text()
+
+
+def test_watch_survives_a_dovecot_restart(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch]
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, start="new")
+    watches.append(Watch(box))
+    dovecot.stop()
+    time.sleep(1)
+    dovecot.start()
+    box.append(message("after restart"))
+    wait_for(lambda: message("after restart") in ingress.bodies, 30)
+
+
+def test_watch_exits_78_when_the_imap_login_is_rejected(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, password="wrong")
+    result = subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", "watch"],
+        env={**os.environ, **box.env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("(rejected 3 times; stopping)")
+
+
+def test_kill_9_mid_delivery_then_a_restart_loses_nothing(
+    tmp_path: Path, dovecot: Dovecot, watches: List[Watch]
+) -> None:
+    with Ingress204(delay=1.0) as slow:
+        box = Account(dovecot, tmp_path, slow.url, start="new", after="delete")
+        watches.append(Watch(box))
+        box.append(*messages(3, "killed"))
+        wait_for(lambda: slow.requests >= 1, 10)
+        watches[0].kill()
+    with Ingress204() as fast:
+        box.write(fast.url, start="new", after="delete")
+        watches.append(Watch(box))
+        wait_for(lambda: box.count() == 0, 20)
+        assert set(messages(3, "killed")) <= set(fast.bodies) | set(slow.bodies)
+
+
+def test_two_watchers_on_one_mailbox_store_each_message_once_in_rails(
+    tmp_path: Path, dovecot: Dovecot, rails: RailsApp, watches: List[Watch]
+) -> None:
+    first = Account(
+        dovecot, tmp_path / "a", rails.url, ingress_password=rails.password, start="new", after="delete"
+    )
+    second = Account(
+        dovecot, tmp_path / "b", rails.url, ingress_password=rails.password, start="new", after="delete"
+    )
+    second.user = first.user
+    second.write(rails.url, rails.password, start="new", after="delete")
+    watches += [Watch(first), Watch(second)]
+    raws = messages(6, "twice watched")
+    first.append(*raws)
+    wait_for(lambda: first.count() == 0, 30)
+    routed = rails.routed(6)
+    assert sorted(entry["subject"] for entry in routed) == sorted(f"twice watched {n}" for n in range(6))
+    assert rails.stored() == 6
