@@ -227,9 +227,10 @@ def _server(values: Mapping[str, Any], where: str) -> Tuple[str, int, str]:
 
 def _password_source(values: Mapping[str, Any], where: str) -> Tuple[str, str]:
     given = [key for key in PASSWORD_KEYS if values[key] is not None]
-    if len(given) != 1:
-        problem = "has no" if not given else f"has {' and '.join(given)}; give only one"
-        raise ConfigError(f"{where} {problem} password_file, password_command or password")
+    if not given:
+        raise ConfigError(f"{where} has no password_file, password_command or password")
+    if len(given) > 1:
+        raise ConfigError(f"{where} has {' and '.join(given)}: give only one of them")
     key = given[0]
     if key == "password_command":
         try:

@@ -60,7 +60,7 @@ def test_the_quickstart_fails_loudly_when_delivery_fails(tmp_path: Path) -> None
     assert b"stored" not in result.stdout
 
 
-@pytest.mark.parametrize("command", ["deliver", "import", "check", "serve"])
+@pytest.mark.parametrize("command", ["deliver", "import", "check", "fetch", "watch", "status", "serve"])
 def test_every_option_is_in_the_readme(command: str) -> None:
     help_text = subprocess.run(
         [sys.executable, "-m", "mailbox_relay", command, "--help"],
@@ -85,6 +85,7 @@ def test_contrib_examples_exist() -> None:
         "try-it.sh",
         "qmail.example",
         "config.toml.example",
+        "mailbox-relay-watch.service.example",
         "sample.eml",
     ):
         assert (ROOT / "contrib" / name).is_file(), name
