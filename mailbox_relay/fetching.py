@@ -9,6 +9,7 @@ from __future__ import annotations
 import imaplib
 import os
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
@@ -41,7 +42,7 @@ class FetchContext:
     def open_state(self) -> FetchState:
         try:
             return FetchState(self.state_path)
-        except (OSError, Exception) as error:  # sqlite3.Error, a directory we may not create
+        except (OSError, sqlite3.Error) as error:
             raise UsageError(
                 f"cannot open the fetch state {self.state_path} ({error}): set fetch_state to a writable path"
             ) from None
@@ -189,6 +190,9 @@ def sync_account(
         client = connect(account)
     except ImapProblem as problem:
         _problem(problems, account.name, problem.line, log)
+        return results
+    except ConfigError as error:  # its password file or command; the other accounts go on
+        _problem(problems, account.name, error.outcome.detail, log)
         return results
     try:
         folder = ImapFolder(client, account)

@@ -26,7 +26,7 @@ from mailbox_relay.fetchstate import FetchState
 from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect
 from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
-from mailbox_relay.outcome import Exit
+from mailbox_relay.outcome import ConfigError, Exit
 from mailbox_relay.signals import stop_signals
 
 LOGIN_TRIES = 3  # rejected logins in a row before the watch gives up (exit 78)
@@ -102,8 +102,6 @@ class FolderWatcher:
                 attempt = 0 if self._connected(sync, state) else attempt + 1
                 if not self.watch.stop.is_set():
                     self.watch.stop.wait(RECONNECT.delay(max(attempt, 1)))
-        except Exception as error:  # a bug of ours: say so, and stop this folder only
-            self.log(f"{self.where}: internal error ({type(error).__name__}: {error}); please report this")
         finally:
             session.close()
             state.close()
@@ -114,6 +112,9 @@ class FolderWatcher:
             client = connect(self.account)
         except ImapProblem as problem:
             self._failed(problem)
+            return False
+        except ConfigError as error:  # the password file or command: no retry can fix it
+            self.watch.give_up(f"{self.where}: {error.outcome.detail}")
             return False
         self.login_failures = 0
         self.log(f"{self.where}: connected to {self.account.host}")
@@ -126,6 +127,8 @@ class FolderWatcher:
         except CONNECTION_ERRORS as error:
             self.log(f"{self.where}: connection lost ({describe_error(error)}); reconnecting")
             worked = True
+        except Exception as error:  # a bug of ours: say so, and start over after the backoff
+            self.log(f"{self.where}: internal error ({type(error).__name__}: {error}); please report this")
         finally:
             state.watching(self.account.name, self.folder, None)
             close(client)

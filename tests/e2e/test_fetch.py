@@ -275,6 +275,21 @@ def test_a_wrong_imap_password_and_a_missing_folder_fail_the_run_with_their_line
     assert ingress.bodies == [message("still fetched")]
 
 
+def test_an_account_whose_password_command_fails_does_not_stop_the_others(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url)
+    box.append(message("other account still fetched"))
+    broken = (
+        f'[accounts.broken]\nhost = "127.0.0.1"\nport = {dovecot.port}\ntls = "none"\nusername = "x"\n'
+        'password_command = "false"\n'
+    )
+    box.config.write_text(box.config.read_text().replace("[accounts.box]", broken + "\n[accounts.box]"))
+    code, out, _ = box.fetch()
+    assert code == 75 and "broken: password_command of account broken exited 1" in out, out
+    assert ingress.bodies == [message("other account still fetched")]
+
+
 # --- check --account -----------------------------------------------------------------------
 
 
