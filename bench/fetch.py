@@ -216,6 +216,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="mailbox-relay-bench-fetch-"))
+    directory.chmod(0o755)  # Dovecot reads its users' mail as an unprivileged user
     dovecot = Dovecot(directory / "dovecot")
     dovecot.start()
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence
 
 from mailbox_relay.accounts import Account, After
 from mailbox_relay.fetchstate import FetchState, FolderState
@@ -46,7 +46,7 @@ class Folder(Protocol):
 
     def sizes(self, uids: Sequence[int]) -> Dict[int, int]: ...
 
-    def fetch(self, uids: Sequence[int]) -> Dict[int, bytes]: ...
+    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Dict[int, bytes]: ...
 
     def acknowledge(self, uids: Sequence[int], after: After) -> None: ...
 
@@ -155,6 +155,7 @@ class _Pass:
         self.result = result
         self.where = f"{sync.account.name}/{result.folder}"
         self.failures_in_a_row = 0
+        self.accepted: List[int] = []  # delivered, not yet acknowledged nor recorded
 
     @property
     def done(self) -> bool:
@@ -166,11 +167,26 @@ class _Pass:
             for batch in self._body_batches(chunk, sizes):
                 if self.done:
                     return
-                bodies = self.folder.fetch(batch)
+                bodies = self.folder.fetch(batch, sizes)
                 for uid in batch:
                     if self.done:
-                        return
+                        break
                     self._one(uid, bodies.pop(uid, None))
+                self._acknowledge()
+
+    def _acknowledge(self) -> None:
+        """`after` for the messages the ingress accepted since the last call, in one command, then
+        the state, in one transaction. Called after each fetched batch, and before anything else
+        is recorded, so the state's watermark never passes a message that is not acknowledged.
+
+        On the server first: if that fails, the state still says "not delivered" and the next
+        pass posts the same bytes again, which Rails stores once, then acknowledges them."""
+        if not self.accepted:
+            return
+        accepted, self.accepted = self.accepted, []
+        sync = self.sync
+        self.folder.acknowledge(accepted, sync.account.after)
+        sync.state.delivered(sync.account.name, self.result.folder, self.uidvalidity, accepted)
 
     def _body_batches(self, uids: Sequence[int], sizes: Dict[int, int]) -> Iterator[List[int]]:
         batch: List[int] = []
@@ -212,27 +228,25 @@ class _Pass:
             self._failed(uid, outcome, raw)
 
     def _delivered(self, uid: int, size: int, seconds: float) -> None:
-        sync = self.sync
-        sync_name = sync.account.name
-        # On the server first: if that fails, the state still says "not delivered" and the next
-        # pass posts the same bytes again, which Rails stores once, then acknowledges.
-        self.folder.acknowledge([uid], sync.account.after)
-        sync.state.delivered(sync_name, self.result.folder, self.uidvalidity, uid)
+        self.accepted.append(uid)
         self.result.delivered += 1
         self.failures_in_a_row = 0
-        sync.events(f"{self.where}: UID {uid} delivered ({size} bytes in {seconds:.2f}s)")
+        self.sync.events(f"{self.where}: UID {uid} delivered ({size} bytes in {seconds:.2f}s)")
 
     def _gone(self, uid: int) -> None:
+        self._acknowledge()
         self.sync.state.gone(self.sync.account.name, self.result.folder, self.uidvalidity, uid)
         self.result.gone += 1
 
     def _invalid(self, uid: int, outcome: Outcome, raw: bytes) -> None:
+        self._acknowledge()
         sync = self.sync
         sync.state.invalid(sync.account.name, self.result.folder, self.uidvalidity, uid, outcome.line())
         self.result.invalid += 1
         self._note(uid, outcome, raw, "invalid, left on the server")
 
     def _failed(self, uid: int, outcome: Outcome, raw: bytes) -> None:
+        self._acknowledge()
         sync = self.sync
         status = sync.state.failed(
             sync.account.name, self.result.folder, self.uidvalidity, uid, outcome.line(), sync.max_tries
@@ -248,6 +262,7 @@ class _Pass:
             self._pause(outcome)
 
     def _pause(self, outcome: Outcome) -> None:
+        self._acknowledge()
         self.result.paused = outcome.line()
         self.sync.state.error(self.sync.account.name, self.result.folder, outcome.line())
         self.sync.log(f"{self.where}: paused: {outcome.line()}")

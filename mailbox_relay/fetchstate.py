@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from mailbox_relay.settings import state_home
 
@@ -154,18 +154,21 @@ class FetchState:
 
     # --- messages --------------------------------------------------------------------------
 
-    def delivered(self, account: str, folder: str, uidvalidity: int, uid: int) -> None:
+    def delivered(self, account: str, folder: str, uidvalidity: int, uids: Sequence[int]) -> None:
+        """Messages the ingress accepted (and `after` was applied to), in one transaction."""
         with self._db:
             self._run("BEGIN IMMEDIATE")
             self._run(
-                "UPDATE folders SET last_uid=MAX(last_uid, ?), delivered=delivered+1, last_delivered=? "
+                "UPDATE folders SET last_uid=MAX(last_uid, ?), delivered=delivered+?, last_delivered=? "
                 "WHERE account=? AND folder=?",
-                uid,
+                max(uids),
+                len(uids),
                 time.time(),
                 account,
                 folder,
             )
-            self._forget(account, folder, uidvalidity, uid)
+            for uid in uids:
+                self._forget(account, folder, uidvalidity, uid)
 
     def gone(self, account: str, folder: str, uidvalidity: int, uid: int) -> None:
         """Expunged by someone else (a second watcher, a person): nothing left to do."""

@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from mailbox_relay.accounts import Account, After
 from mailbox_relay.outcome import ConfigError
@@ -23,6 +23,7 @@ from mailbox_relay.outcome import ConfigError
 logging.getLogger("imapclient").addHandler(logging.NullHandler())
 logging.getLogger("imapclient").propagate = False
 
+PIECE = 4 * 1024 * 1024  # larger messages are fetched in pieces of this size
 KEEPALIVE = (60, 15, 4)  # idle seconds, interval, probes: a peer gone silent is noticed in ~2 min
 
 
@@ -191,11 +192,32 @@ class ImapFolder:
         found = self.client.fetch(list(uids), ["RFC822.SIZE"])
         return {uid: int(data[b"RFC822.SIZE"]) for uid, data in found.items() if b"RFC822.SIZE" in data}
 
-    def fetch(self, uids: Sequence[int]) -> Dict[int, bytes]:
+    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Dict[int, bytes]:
         """The exact bytes (BODY.PEEK[]: nothing is marked \\Seen). A UID expunged meanwhile is
-        simply absent."""
-        found = self.client.fetch(list(uids), ["BODY.PEEK[]"])
-        return {uid: bytes(data[b"BODY[]"]) for uid, data in found.items() if data.get(b"BODY[]") is not None}
+        simply absent. A large message comes in pieces, so memory stays near its size."""
+        small = [uid for uid in uids if sizes.get(uid, 0) <= PIECE]
+        found = self.client.fetch(small, ["BODY.PEEK[]"]) if small else {}
+        bodies = {uid: data[b"BODY[]"] for uid, data in found.items() if data.get(b"BODY[]") is not None}
+        for uid in uids:
+            if sizes.get(uid, 0) > PIECE:
+                whole = self._in_pieces(uid)
+                if whole is not None:
+                    bodies[uid] = whole
+        return bodies
+
+    def _in_pieces(self, uid: int) -> Optional[bytes]:
+        """BODY.PEEK[]<offset.length> into one buffer: parsing a 50 MB literal in one response
+        costs several times its size. A piece shorter than asked for is the last one."""
+        whole = bytearray()
+        while True:
+            offset = len(whole)
+            found = self.client.fetch([uid], [f"BODY.PEEK[]<{offset}.{PIECE}>"]).get(uid, {})
+            piece = found.get(f"BODY[]<{offset}>".encode())
+            if piece is None:
+                return None  # expunged meanwhile: never half a message
+            whole += piece
+            if len(piece) < PIECE:
+                return whole  # type: ignore[return-value]  # a bytearray: no copy of 50 MB
 
     def acknowledge(self, uids: Iterable[int], after: After) -> None:
         """What `after` says, for messages the ingress accepted. With UIDPLUS only our messages

@@ -127,6 +127,24 @@ def test_fetch_delivers_each_message_once_byte_exact_and_a_second_fetch_none(
     assert len(ingress.bodies) == 6
 
 
+def test_a_message_larger_than_a_fetch_piece_arrives_whole(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    line = b"0123456789" * 7 + b"abcdef\r\n"
+    big = b"From: a@example.com\r\nSubject: big\r\n\r\n" + line * (9 * 1024 * 1024 // len(line)) + b"end\r\n"
+    box = Account(dovecot, tmp_path, ingress.url, after="delete")
+    box.append(message("small before"), big, message("small after"))
+    code, out, _ = box.fetch()
+    assert code == 0, out
+    assert [len(body) for body in ingress.bodies] == [
+        len(message("small before")),
+        len(big),
+        len(message("small after")),
+    ]
+    assert ingress.bodies[1] == big
+    assert box.count() == 0
+
+
 def test_start_new_skips_what_was_there_and_delivers_what_arrives_after(
     tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
 ) -> None:
