@@ -157,7 +157,9 @@ def _check_account(report: Report, account: Account) -> bool:
             f"{name} {'yes' if name in found else 'no'}" for name in ("IDLE", "MOVE", "UIDPLUS")
         )
         report.passed("capabilities", wanted)
-        return all(_examine(report, client, name) for name in account.folders)
+        return all(_examine(report, client, name) for name in account.folders) and _move_target(
+            report, client, account
+        )
     except ImapProblem as problem:
         report.failed(f"imap {problem.kind}", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
         return False
@@ -172,6 +174,19 @@ def _imap_tls(client: Any, account: Account) -> str:
     if account.tls == "none":
         return f"none (allowed: {account.host} is loopback)"
     return f"{client.socket().version()} ({account.tls}), certificate verified"
+
+
+def _move_target(report: Report, client: Any, account: Account) -> bool:
+    if account.after.action != "move":
+        return True
+    if client.folder_exists(account.after.folder):
+        report.passed("after", f"move:{account.after.folder}: the folder exists")
+        return True
+    folder = account.after.folder
+    report.failed(
+        "after", f"move:{folder}: there is no folder {folder!r}; create it, or change after", Exit.CONFIG
+    )
+    return False
 
 
 def _examine(report: Report, client: Any, name: str) -> bool:

@@ -32,7 +32,7 @@ class ImapProblem(Exception):
 
     def __init__(self, kind: str, line: str) -> None:
         super().__init__(line)
-        self.kind = kind  # dns | connect | tls | login | folder | protocol | network
+        self.kind = kind  # dns | connect | tls | login | folder | after | protocol | network
         self.line = line
 
 
@@ -161,6 +161,7 @@ class ImapFolder:
         self.client = client
         self.account = account
         self.name = ""
+        self._target_checked = False
 
     def select(self, name: str) -> FolderInfo:
         """SELECT (EXAMINE when nothing will be changed, so even flags stay as they are)."""
@@ -173,10 +174,23 @@ class ImapFolder:
                 "folder", f"folder {name!r} of account {self.account.name} cannot be opened: {_text(error)}"
             ) from None
         self.name = name
+        self._check_move_target()
         uidnext = int(info.get(b"UIDNEXT", 0))
         if not uidnext:  # an old server: the highest UID + 1
             uidnext = max(self.client.search(["ALL"]) or [0]) + 1
         return FolderInfo(int(info[b"UIDVALIDITY"]), uidnext, int(info.get(b"EXISTS", 0)))
+
+    def _check_move_target(self) -> None:
+        """Before anything is posted: a message the ingress took must be movable afterwards."""
+        after = self.account.after
+        if after.action == "move" and not self._target_checked:
+            if not self.client.folder_exists(after.folder):
+                raise ImapProblem(
+                    "folder",
+                    f"after = move:{after.folder} of account {self.account.name}, but there is no folder "
+                    f"{after.folder!r}: create it, or change after",
+                )
+            self._target_checked = True
 
     def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]:
         """UIDs above `after_uid` (and on or after `since`), ascending. `N:*` always matches the
@@ -225,6 +239,20 @@ class ImapFolder:
         uids = list(uids)
         if not uids or after.action == "keep":
             return
+        from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+
+        try:
+            self._apply(uids, after)
+        except IMAPClientAbortError:
+            raise  # the connection broke: the caller reconnects
+        except IMAPClientError as error:  # refused: say so; the next pass posts again (Rails dedups)
+            raise ImapProblem(
+                "after",
+                f"the ingress took UIDs {uids[0]}..{uids[-1]} of {self.account.name}/{self.name}, but "
+                f"after = {after} failed: {_text(error)}",
+            ) from None
+
+    def _apply(self, uids: List[int], after: After) -> None:
         if after.action == "seen":
             self.client.add_flags(uids, [b"\\Seen"], silent=True)
         elif after.action == "move" and self.client.has_capability("MOVE"):

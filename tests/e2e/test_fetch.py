@@ -308,6 +308,21 @@ def test_an_account_whose_password_command_fails_does_not_stop_the_others(
     assert ingress.bodies == [message("other account still fetched")]
 
 
+def test_a_missing_move_target_is_said_before_anything_is_posted(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, after="move:Done")
+    box.append(message("waits for its folder"))
+    code, out, _ = box.fetch()
+    assert code == 75 and "after = move:Done of account box, but there is no folder 'Done'" in out, out
+    assert ingress.bodies == [] and box.count() == 1
+    code, out, _ = invoke(["check", "--account", "box"], env=box.env())
+    assert code == 78 and "✗ after: move:Done: there is no folder 'Done'" in out, out
+    box.create("Done")
+    assert box.fetch()[0] == 0
+    assert (ingress.bodies, box.count(), box.count("Done")) == ([message("waits for its folder")], 0, 1)
+
+
 # --- check --account -----------------------------------------------------------------------
 
 
