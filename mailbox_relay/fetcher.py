@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Set
 
 from mailbox_relay.accounts import Account, After
 from mailbox_relay.fetchstate import FetchState, FolderState
@@ -31,7 +31,7 @@ Post = Callable[[Prepared], Outcome]
 # Answers that say nothing about the message: the ingress is down or busy for everyone. They
 # pause the folder and count no try (systemic answers, 401/404/TLS..., do the same).
 INGRESS_WIDE = frozenset({Reason.UNREACHABLE, Reason.BUSY, Reason.INTERRUPTED})
-PAUSE_AFTER_FAILURES = 3  # message failures in a row with nothing delivered: stop this pass
+PAUSE_AFTER_FAILURES = 3  # new messages failing in a row, nothing delivered: stop this pass
 SIZE_BATCH = 500  # UIDs per RFC822.SIZE fetch
 BODY_BATCH = 100  # messages per BODY.PEEK[] fetch,
 BODY_BATCH_BYTES = 8 * 1024 * 1024  # and at most this many bytes (a larger message goes alone)
@@ -103,9 +103,10 @@ class FolderSync:
         due = self.state.due(self.account.name, name, info.uidvalidity)
         new = folder.search(known.last_uid, since)
         retrying = set(due)
-        todo = due + [uid for uid in new if uid not in retrying]
+        # New mail first: messages that failed before must never hold it up.
+        todo = [uid for uid in new if uid not in retrying] + due
         result.found = len(todo)
-        run = _Pass(self, folder, info.uidvalidity, result)
+        run = _Pass(self, folder, info.uidvalidity, result, retrying)
         run.deliver(todo)
         stopped_early = result.paused is not None or self.stopping()
         self.state.synced(self.account.name, name, complete=not stopped_early)
@@ -148,8 +149,11 @@ class FolderSync:
 class _Pass:
     """The deliveries of one pass over one folder."""
 
-    def __init__(self, sync: FolderSync, folder: Folder, uidvalidity: int, result: FolderResult) -> None:
+    def __init__(
+        self, sync: FolderSync, folder: Folder, uidvalidity: int, result: FolderResult, retrying: Set[int]
+    ) -> None:
         self.sync = sync
+        self.retrying = retrying  # failed before: their failures say nothing new about the ingress
         self.folder = folder
         self.uidvalidity = uidvalidity
         self.result = result
@@ -189,15 +193,25 @@ class _Pass:
         sync.state.delivered(sync.account.name, self.result.folder, self.uidvalidity, accepted)
 
     def _body_batches(self, uids: Sequence[int], sizes: Dict[int, int]) -> Iterator[List[int]]:
+        """UIDs to fetch together, in order. A UID that needs no fetch (gone, over max_size) is
+        recorded in its turn: only after every UID before it was handled, and never after the
+        pass stopped, so the watermark cannot pass a message that was not."""
         batch: List[int] = []
         batch_bytes = 0
         for uid in uids:
             size = sizes.get(uid)
-            if size is None:
-                self._gone(uid)
-            elif self.sync.max_size is not None and size > self.sync.max_size:
-                detail = f"message is {size} bytes, over max_size {self.sync.max_size}"
-                self._invalid(uid, Outcome(Reason.TOO_BIG, detail), b"")
+            too_big = size is not None and self.sync.max_size is not None and size > self.sync.max_size
+            if size is None or too_big:
+                if batch:
+                    yield batch
+                    batch, batch_bytes = [], 0
+                if self.done:
+                    return
+                if size is None:
+                    self._gone(uid)
+                else:
+                    detail = f"message is {size} bytes, over max_size {self.sync.max_size}"
+                    self._invalid(uid, Outcome(Reason.TOO_BIG, detail), b"")
             else:
                 if batch and (len(batch) >= BODY_BATCH or batch_bytes + size > BODY_BATCH_BYTES):
                     yield batch
@@ -257,7 +271,8 @@ class _Pass:
             return
         self.result.failed += 1
         self._note(uid, outcome, b"", "will be tried again")
-        self.failures_in_a_row += 1
+        if uid not in self.retrying:
+            self.failures_in_a_row += 1
         if self.failures_in_a_row >= PAUSE_AFTER_FAILURES:
             self._pause(outcome)
 

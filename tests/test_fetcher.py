@@ -1,0 +1,134 @@
+"""The rules of one pass over a folder, with the real state file and an in-memory folder (the
+IMAP side is tested against the real Dovecot in tests/e2e/test_fetch.py).
+
+The property that matters most: the state's watermark never passes a message that was not
+delivered, recorded or acknowledged, whatever stops the pass, so nothing is skipped later."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import pytest
+
+from mailbox_relay.accounts import After, parse_account
+from mailbox_relay.fetcher import FolderSync
+from mailbox_relay.fetchstate import FetchState
+from mailbox_relay.imap import FolderInfo
+from mailbox_relay.message import Prepared
+from mailbox_relay.outcome import DELIVERED, Outcome, Reason
+
+
+def raw(n: int, size: int = 0) -> bytes:
+    return f"From: a@example.com\r\nSubject: {n}\r\n\r\n".encode() + b"x" * size
+
+
+class MemoryFolder:
+    def __init__(self, messages: Dict[int, bytes], uidvalidity: int = 7) -> None:
+        self.messages = messages
+        self.uidvalidity = uidvalidity
+        self.acknowledged: List[int] = []
+
+    def select(self, name: str) -> FolderInfo:
+        return FolderInfo(self.uidvalidity, max(self.messages, default=0) + 1, len(self.messages))
+
+    def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]:
+        return sorted(uid for uid in self.messages if uid > after_uid)
+
+    def sizes(self, uids: Sequence[int]) -> Dict[int, int]:
+        return {uid: len(self.messages[uid]) for uid in uids if uid in self.messages}
+
+    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Dict[int, bytes]:
+        return {uid: self.messages[uid] for uid in uids if uid in self.messages}
+
+    def acknowledge(self, uids: Sequence[int], after: After) -> None:
+        self.acknowledged += uids
+
+
+class Ingress:
+    """Answers per message: a list of outcomes by subject number; delivered otherwise."""
+
+    def __init__(self, answers: Optional[Dict[int, List[Outcome]]] = None) -> None:
+        self.answers = answers or {}
+        self.posted: List[int] = []
+
+    def __call__(self, prepared: Prepared) -> Outcome:
+        number = int(prepared.to_bytes().split(b"Subject: ")[1].split(b"\r\n")[0])
+        self.posted.append(number)
+        queue = self.answers.get(number, [])
+        return queue.pop(0) if queue else DELIVERED
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> FetchState:
+    return FetchState(str(tmp_path / "state.sqlite3"))
+
+
+def sync(state: FetchState, ingress: Ingress, **options: object) -> FolderSync:
+    account = parse_account("box", {"host": "h", "username": "u", "password": "p", "start": "all"}, "c")
+    return FolderSync(account, state, ingress, **options)  # type: ignore[arg-type]
+
+
+SERVER_ERROR = Outcome(Reason.SERVER_ERROR, "HTTP 500")
+REFUSED = Outcome(Reason.UNREACHABLE, "connection refused")
+
+
+def test_a_pause_mid_batch_keeps_the_watermark_below_what_was_not_handled(state: FetchState) -> None:
+    folder = MemoryFolder({1: raw(1), 2: raw(2), 3: raw(3), 4: raw(4, 5000)})
+    ingress = Ingress({2: [REFUSED]})
+    result = sync(state, ingress, max_size=1000).run(folder, "INBOX")
+    assert result.paused and result.delivered == 1 and ingress.posted == [1, 2]
+    known = state.folder("box", "INBOX")
+    assert known is not None and known.last_uid == 1  # not 4: 2, 3 and 4 were never handled
+    again = sync(state, Ingress(), max_size=1000).run(folder, "INBOX")
+    assert (again.delivered, again.invalid, again.paused) == (2, 1, None)
+    assert folder.acknowledged == [1, 2, 3]
+
+
+def test_a_message_failing_alone_is_quarantined_once_others_got_through(state: FetchState) -> None:
+    folder = MemoryFolder({1: raw(1), 2: raw(2)})
+    ingress = Ingress({1: [SERVER_ERROR] * 3})
+    run = sync(state, ingress, max_tries=3)
+    first = run.run(folder, "INBOX")
+    assert (first.failed, first.delivered) == (1, 1)
+    for _ in range(2):
+        state._run("UPDATE messages SET next_try = 0")
+        last = run.run(folder, "INBOX")
+    assert last.quarantined == 1 and ingress.posted == [1, 2, 1, 1]
+    state._run("UPDATE messages SET next_try = 0")
+    assert run.run(folder, "INBOX").found == 0  # quarantined: not tried again
+
+
+def test_the_same_failure_for_everyone_quarantines_nobody(state: FetchState) -> None:
+    folder = MemoryFolder({n: raw(n) for n in range(1, 6)})
+    ingress = Ingress({n: [SERVER_ERROR] * 10 for n in range(1, 6)})
+    run = sync(state, ingress, max_tries=2)
+    first = run.run(folder, "INBOX")
+    assert first.paused and ingress.posted == [1, 2, 3]  # three new failures in a row: stop
+    for _ in range(4):
+        state._run("UPDATE messages SET next_try = 0")
+        assert run.run(folder, "INBOX").quarantined == 0
+    assert state.waiting("box", "INBOX") == 5
+
+
+def test_failed_messages_never_hold_up_new_mail(state: FetchState) -> None:
+    folder = MemoryFolder({n: raw(n) for n in range(1, 4)})
+    ingress = Ingress({n: [SERVER_ERROR] * 10 for n in range(1, 4)})  # three poison messages
+    run = sync(state, ingress, max_tries=3)
+    assert run.run(folder, "INBOX").paused
+    folder.messages.update({4: raw(4), 5: raw(5)})
+    state._run("UPDATE messages SET next_try = 0")
+    second = run.run(folder, "INBOX")
+    assert ingress.posted[3:] == [4, 5, 1, 2, 3] and second.delivered == 2 and not second.paused
+    state._run("UPDATE messages SET next_try = 0")
+    assert run.run(folder, "INBOX").quarantined == 3  # the third try of each, others got through
+
+
+def test_a_new_uidvalidity_delivers_the_folder_again(state: FetchState) -> None:
+    folder = MemoryFolder({1: raw(1), 2: raw(2)})
+    ingress = Ingress()
+    sync(state, ingress).run(folder, "INBOX")
+    folder.uidvalidity = 8
+    result = sync(state, ingress).run(folder, "INBOX")
+    assert result.delivered == 2 and ingress.posted == [1, 2, 1, 2]
