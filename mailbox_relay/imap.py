@@ -113,7 +113,10 @@ def login(client: Any, account: Account) -> None:
 
     password = account.password()
     try:
-        client.login(account.username, password)
+        if password.isascii() and account.username.isascii():
+            client.login(account.username, password)
+        else:  # LOGIN's quoted strings are ASCII; AUTHENTICATE PLAIN carries UTF-8 (RFC 4616)
+            client.plain_login(account.username, password)
     except LoginError as error:
         raise ImapProblem(
             "login",

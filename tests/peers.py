@@ -243,6 +243,7 @@ class FaultProxy(threading.Thread):
         self.port = int(self.listener.getsockname()[1])
         self.pairs: List[Tuple[socket.socket, socket.socket]] = []
         self.holed: Set[socket.socket] = set()  # connections whose bytes are swallowed
+        self.hide: List[bytes] = []  # removed from what the server says (b" IDLE": no IDLE)
         self.connections = 0
         self._lock = threading.Lock()
 
@@ -256,10 +257,10 @@ class FaultProxy(threading.Thread):
             with self._lock:
                 self.pairs.append((client, upstream))
                 self.connections += 1
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+            for source, target, from_server in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, target, from_server), daemon=True).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, from_server: bool) -> None:
         try:
             while True:
                 data = source.recv(65536)
@@ -267,6 +268,9 @@ class FaultProxy(threading.Thread):
                     target.shutdown(socket.SHUT_WR)
                     return
                 if source not in self.holed and target not in self.holed:
+                    if from_server:
+                        for word in self.hide:
+                            data = data.replace(word, b"")
                     target.sendall(data)
         except OSError:
             return

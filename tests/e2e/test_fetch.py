@@ -417,6 +417,38 @@ def test_watch_survives_a_broken_connection(
         assert proxy.connections >= 2, watches[0].text()
 
 
+def test_watch_polls_where_the_server_has_no_idle_and_moves_without_move(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch]
+) -> None:
+    with FaultProxy(dovecot.port) as proxy:
+        proxy.hide = [b" IDLE", b" MOVE"]  # an older server: polling, and COPY + \\Deleted + UID EXPUNGE
+        box = Account(dovecot, tmp_path, ingress.url, start="new", port=proxy.port, poll_interval=1)
+        box.write(ingress.url, start="new", port=proxy.port, poll_interval=1, after="move:Done")
+        box.create("Done")
+        watches.append(Watch(box))
+        assert "polling every 1s" in watches[0].text()
+        box.append(message("polled"))
+        watches[0].wait_for(lambda: message("polled") in ingress.bodies, 10)
+        watches[0].wait_for(lambda: (box.count(), box.count("Done")) == (0, 1), 10)
+
+
+def test_a_non_ascii_imap_password_logs_in(tmp_path: Path, dovecot: Dovecot, ingress: Ingress204) -> None:
+    password = "pässwörd-€"
+    with dovecot.passwd.open("a", encoding="utf-8") as passwd:
+        passwd.write(f"unicode:{{PLAIN}}{password}\n")
+    time.sleep(1.1)  # Dovecot rereads passwd-file when its mtime (seconds) changes
+    box = Account(dovecot, tmp_path, ingress.url)
+    box.user = "unicode"
+    box.write(ingress.url, password=password)
+    client = imaplib.IMAP4("127.0.0.1", dovecot.port)
+    client.authenticate("PLAIN", lambda _: f"\0unicode\0{password}".encode())
+    client.append("INBOX", None, None, message("for unicode"))
+    client.logout()
+    code, out, _ = box.fetch()
+    assert code == 0, out
+    assert ingress.bodies == [message("for unicode")]
+
+
 def test_watch_survives_a_dovecot_restart(
     tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch]
 ) -> None:
