@@ -1,7 +1,8 @@
 """`watch`: stay connected, and deliver each message about as soon as it arrives.
 
 One thread per account and folder (IDLE watches one selected folder per connection), each with
-its own IMAP connection, ingress session and state connection, all in one process. A thread
+its own IMAP connection and state connection, all in one process; the main thread posts what
+they find (see Courier). A thread
 never gives up on network, IMAP or ingress trouble: it reconnects with capped exponential
 backoff and jitter and catches up by UID. Only rejected credentials, after a few tries, stop
 the whole watch (exit 78), because no retry can fix them.
@@ -15,18 +16,20 @@ TCP keepalive covers the rest.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from typing import Any, Optional
 
 from mailbox_relay.accounts import Account
-from mailbox_relay.fetcher import FolderResult, FolderSync
+from mailbox_relay.fetcher import FolderResult, FolderSync, Post
 from mailbox_relay.fetching import CONNECTION_ERRORS, FetchContext, describe_error, make_post
 from mailbox_relay.fetchstate import FetchState
 from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect
 from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
-from mailbox_relay.outcome import ConfigError, Exit
+from mailbox_relay.message import Prepared
+from mailbox_relay.outcome import ConfigError, Exit, Outcome, internal_error
 from mailbox_relay.signals import stop_signals
 
 LOGIN_TRIES = 3  # rejected logins in a row before the watch gives up (exit 78)
@@ -44,6 +47,7 @@ class Watch:
         self.stop = threading.Event()
         self.fatal: Optional[str] = None
         self._lock = threading.Lock()
+        self.courier = Courier()
 
     def give_up(self, line: str) -> None:
         with self._lock:
@@ -58,12 +62,15 @@ class Watch:
             for account in self.context.accounts
             for name in account.folders
         ]
-        with stop_signals(self._signalled):
-            for thread in threads:
-                thread.start()
-            while any(thread.is_alive() for thread in threads):
+        session, post = make_post(self.context.settings, self.log)
+        try:
+            with stop_signals(self._signalled):
                 for thread in threads:
-                    thread.join(TICK)
+                    thread.start()
+                while any(thread.is_alive() for thread in threads):
+                    self.courier.serve(post, TICK)  # until every thread has finished its delivery
+        finally:
+            session.close()
         if self.fatal:
             self.log(self.fatal)
             return Exit.CONFIG
@@ -74,6 +81,45 @@ class Watch:
         if not self.stop.is_set():
             self.log("stopping: finishing the delivery in flight, then logging out")
         self.stop.set()
+
+
+class _Answer:
+    """The outcome of one message, handed from the main thread to the folder thread."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.outcome: Optional[Outcome] = None
+        self.done = threading.Event()
+
+
+class Courier:
+    """Carries each folder thread's messages to the main thread, which posts them: only the main
+    thread can take SIGALRM, which bounds each whole attempt by --timeout (signals.deadline), and
+    one keep-alive connection serves every account."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[_Answer] = queue.Queue()
+
+    def post(self, prepared: Prepared) -> Outcome:
+        """For a folder thread: blocks until the main thread has posted the message."""
+        answer = _Answer(prepared)
+        self._queue.put(answer)
+        answer.done.wait()
+        assert answer.outcome is not None
+        return answer.outcome
+
+    def serve(self, post: Post, wait: float) -> None:
+        """For the main thread: post the next message, if one comes within `wait` seconds."""
+        try:
+            answer = self._queue.get(timeout=wait)
+        except queue.Empty:
+            return
+        try:
+            answer.outcome = post(answer.prepared)
+        except Exception as error:  # a bug of ours: this message fails (temporarily), the watch goes on
+            answer.outcome = internal_error(error)
+        finally:
+            answer.done.set()
 
 
 class FolderWatcher:
@@ -92,9 +138,8 @@ class FolderWatcher:
 
     def run(self) -> None:
         state = self.watch.context.open_state()
-        session, post = make_post(self.watch.context.settings, self.log)
         sync = self.watch.context.folder_sync(
-            self.account, state, post, self.log, self.log, self.watch.stop.is_set
+            self.account, state, self.watch.courier.post, self.log, self.log, self.watch.stop.is_set
         )
         attempt = 0
         try:
@@ -103,7 +148,6 @@ class FolderWatcher:
                 if not self.watch.stop.is_set():
                     self.watch.stop.wait(RECONNECT.delay(max(attempt, 1)))
         finally:
-            session.close()
             state.close()
 
     def _connected(self, sync: FolderSync, state: FetchState) -> bool:
