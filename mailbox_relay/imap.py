@@ -73,7 +73,7 @@ def open_connection(account: Account) -> Any:
         raise ImapProblem("dns", f"cannot resolve {account.host}: {error.strerror}") from None
     except ssl.SSLError as error:
         raise ImapProblem(
-            "tls", f"TLS with {where} failed: {_ssl_reason(error)}{_tls_hint(account)}"
+            "tls", f"TLS with {where} failed: {_ssl_reason(error)}{_tls_hint(account, error)}"
         ) from None
     except (OSError, EOFError) as error:
         raise ImapProblem("connect", f"cannot connect to {where}: {_os_reason(error)}") from None
@@ -87,7 +87,9 @@ def _ssl_reason(error: ssl.SSLError) -> str:
     return getattr(error, "verify_message", None) or error.reason or str(error)
 
 
-def _tls_hint(account: Account) -> str:
+def _tls_hint(account: Account, error: ssl.SSLError) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"; a private CA goes in ca_bundle of account {account.name}"
     if account.tls == "implicit":
         return f' (is port {account.port} implicit TLS? for STARTTLS set tls = "starttls")'
     return ""

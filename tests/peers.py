@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
-from typing import List, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 from .helpers import RELAY_PATH
 
@@ -236,9 +237,10 @@ class FaultProxy(threading.Thread):
     """A TCP proxy to `upstream` that can break its connections the ways networks do: `rst()`
     (reset), `fin()` (an orderly close) or `blackhole()` (stop forwarding, close nothing)."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, tls: Optional[ssl.SSLContext] = None) -> None:
         super().__init__(daemon=True)
         self.upstream_port = upstream_port
+        self.tls = tls  # a server context: clients then speak TLS to the proxy (implicit TLS)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.pairs: List[Tuple[socket.socket, socket.socket]] = []
@@ -253,6 +255,11 @@ class FaultProxy(threading.Thread):
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.tls is not None:
+                try:
+                    client = self.tls.wrap_socket(client, server_side=True)
+                except (OSError, ssl.SSLError):
+                    continue  # a client that did not trust us
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             with self._lock:
                 self.pairs.append((client, upstream))

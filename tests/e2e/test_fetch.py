@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
+import trustme
 
 from ..helpers import invoke, wait_for
 from ..peers import FaultProxy, Ingress204, LocalServe, RawServer
@@ -343,6 +345,28 @@ def test_check_account_tells_password_folder_and_tls_apart(tmp_path: Path, dovec
         box.write(serve.url, tls="implicit")
         code, out, _ = invoke(["check", "--account", "box"], env=box.env())
         assert code == 69 and "✗ imap tls" in out, out
+
+
+def test_implicit_tls_is_verified_against_the_ca_bundle(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    with FaultProxy(dovecot.port, tls=server) as proxy:
+        box = Account(dovecot, tmp_path, ingress.url, port=proxy.port)
+        box.write(ingress.url, port=proxy.port, tls="implicit")
+        code, out, _ = invoke(["check", "--account", "box"], env=box.env())
+        assert code == 69 and "✗ imap tls: TLS with 127.0.0.1:" in out and "issuer certificate" in out, out
+        assert "a private CA goes in ca_bundle of account box" in out
+        box.write(ingress.url, port=proxy.port, tls="implicit", ca_bundle=str(bundle))
+        code, out, _ = invoke(["check", "--account", "box"], env=box.env())
+        assert "✓ imap tls: TLSv1." in out and "(implicit), certificate verified" in out, out
+        box.append(message("over tls"))
+        code, out, _ = box.fetch()
+        assert code == 0 and ingress.bodies[-1:] == [message("over tls")], out  # (after check's probe)
 
 
 # --- watch ---------------------------------------------------------------------------------
