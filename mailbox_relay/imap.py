@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import imaplib
 import logging
 import socket
 import ssl
@@ -77,6 +78,8 @@ def open_connection(account: Account) -> Any:
         ) from None
     except (OSError, EOFError) as error:
         raise ImapProblem("connect", f"cannot connect to {where}: {_os_reason(error)}") from None
+    except imaplib.IMAP4.abort as error:  # the server hung up before we could log in
+        raise ImapProblem("connect", f"{where} closed the connection before login: {_text(error)}") from None
     except Exception as error:  # IMAPClient's own errors: no IMAP greeting, STARTTLS refused
         raise ImapProblem("protocol", f"{where} does not speak IMAP as expected: {error}") from None
     _keepalive(client.socket())
@@ -111,7 +114,7 @@ def _keepalive(sock: socket.socket) -> None:
 
 
 def login(client: Any, account: Account) -> None:
-    from imapclient.exceptions import LoginError
+    from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
     password = account.password()
     try:
@@ -120,15 +123,21 @@ def login(client: Any, account: Account) -> None:
         else:  # LOGIN's quoted strings are ASCII; AUTHENTICATE PLAIN carries UTF-8 (RFC 4616)
             client.plain_login(account.username, password)
     except LoginError as error:
+        if isinstance(error.__context__, (imaplib.IMAP4.abort, OSError)):  # IMAPClient wraps those
+            raise ImapProblem(
+                "network", f"connection to {account.host} lost at login: {_text(error)}"
+            ) from None
         raise ImapProblem(
             "login",
             f"IMAP login of {account.username} at {account.host} was rejected ({_text(error)}): "
             f"check the password of account {account.name}",
         ) from None
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, IMAPClientAbortError) as error:
         raise ImapProblem(
             "network", f"connection to {account.host} lost at login: {_os_reason(error)}"
         ) from None
+    except IMAPClientError as error:  # e.g. AUTHENTICATE PLAIN not offered
+        raise ImapProblem("protocol", f"{account.host} refused the login: {_text(error)}") from None
 
 
 def connect(account: Account) -> Any:

@@ -6,7 +6,10 @@ delivered, recorded or acknowledged, whatever stops the pass, so nothing is skip
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import socket
+import threading
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -18,6 +21,8 @@ from mailbox_relay.fetchstate import FetchState
 from mailbox_relay.imap import FolderInfo
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import DELIVERED, Outcome, Reason
+
+from .helpers import invoke
 
 
 def raw(n: int, size: int = 0) -> bytes:
@@ -132,3 +137,32 @@ def test_a_new_uidvalidity_delivers_the_folder_again(state: FetchState) -> None:
     folder.uidvalidity = 8
     result = sync(state, ingress).run(folder, "INBOX")
     assert result.delivered == 2 and ingress.posted == [1, 2, 1, 2]
+
+
+def test_a_server_that_hangs_up_at_login_is_one_line_and_exit_75(tmp_path: Path) -> None:
+    """A greeting, then the connection closed at LOGIN: a problem of that account, not a crash,
+    and not a rejected password (which watch would give up on after three)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for _ in range(3):  # fetch; then check's TCP probe and its connection
+            connection, _ = listener.accept()
+            with connection, contextlib.suppress(OSError):  # the probe hangs up at once
+                connection.sendall(b"* OK ready\r\n")
+                tag = connection.recv(65536).split(b" ")[0]  # CAPABILITY
+                connection.sendall(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n" + tag + b" OK done\r\n")
+                connection.recv(65536)  # the LOGIN command, unanswered
+
+    threading.Thread(target=serve, daemon=True).start()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'url = "http://127.0.0.1:9"\npassword = "pw"\nfetch_state = "{tmp_path}/state"\n'
+        f'[accounts.box]\nhost = "127.0.0.1"\nport = {port}\ntls = "none"\nusername = "u"\npassword = "p"\n'
+    )
+    code, out, err = invoke(["fetch", "--config", str(config)])
+    assert code == 75, (out, err)
+    assert "box: connection to 127.0.0.1 lost at login" in err and "rejected" not in err, err
+    code, out, _ = invoke(["check", "--account", "box", "--config", str(config)])
+    assert code == 69 and "✗ imap network: connection to 127.0.0.1 lost at login" in out, out
+    listener.close()
