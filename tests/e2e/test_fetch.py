@@ -553,6 +553,7 @@ def test_two_watchers_on_one_mailbox_store_each_message_once_in_rails(
         wait_for(lambda: first.count() == 0, 60)
     except AssertionError:
         raise AssertionError("\n".join(watch.text() for watch in watches)) from None
-    routed = rails.routed(6)
-    assert sorted(entry["subject"] for entry in routed) == sorted(f"twice watched {n}" for n in range(6))
-    assert rails.stored() == 6
+    # What Rails stored, not what it routed: two watchers post at once, and the SQLite test app
+    # sometimes stores a message but fails its routing job ("database is locked"; see #15).
+    expected = sorted(f"twice-watched-{n}@e2e.example" for n in range(6))
+    assert sorted(rails.stored_message_ids()) == expected
