@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.fetcher import FolderResult, FolderSync, Post
 from mailbox_relay.fetchstate import FetchState, default_path
-from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect
+from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.outcome import ConfigError, Exit, UsageError
@@ -204,15 +204,10 @@ def sync_account(
             except ImapProblem as problem:  # this folder only
                 _problem(problems, f"{account.name}/{name}", problem.line, log)
     except CONNECTION_ERRORS as error:
-        _problem(problems, account.name, f"connection to {account.host} lost: {describe_error(error)}", log)
+        _problem(problems, account.name, f"connection to {account.host} lost: {describe(error)}", log)
     finally:
         close(client)
     return results
-
-
-def describe_error(error: BaseException) -> str:
-    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return text[2:-1] if text.startswith("b'") else text
 
 
 def _problem(problems: List[Dict[str, str]], where: str, line: str, log: Log) -> None:

@@ -77,9 +77,11 @@ def open_connection(account: Account) -> Any:
             "tls", f"TLS with {where} failed: {_ssl_reason(error)}{_tls_hint(account, error)}"
         ) from None
     except (OSError, EOFError) as error:
-        raise ImapProblem("connect", f"cannot connect to {where}: {_os_reason(error)}") from None
+        raise ImapProblem("connect", f"cannot connect to {where}: {describe(error)}") from None
     except imaplib.IMAP4.abort as error:  # the server hung up before we could log in
-        raise ImapProblem("connect", f"{where} closed the connection before login: {_text(error)}") from None
+        raise ImapProblem(
+            "connect", f"{where} closed the connection before login: {describe(error)}"
+        ) from None
     except Exception as error:  # IMAPClient's own errors: no IMAP greeting, STARTTLS refused
         raise ImapProblem("protocol", f"{where} does not speak IMAP as expected: {error}") from None
     _keepalive(client.socket())
@@ -96,12 +98,6 @@ def _tls_hint(account: Account, error: ssl.SSLError) -> str:
     if account.tls == "implicit":
         return f' (is port {account.port} implicit TLS? for STARTTLS set tls = "starttls")'
     return ""
-
-
-def _os_reason(error: BaseException) -> str:
-    if isinstance(error, socket.timeout):
-        return "timed out"
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -125,19 +121,19 @@ def login(client: Any, account: Account) -> None:
     except LoginError as error:
         if isinstance(error.__context__, (imaplib.IMAP4.abort, OSError)):  # IMAPClient wraps those
             raise ImapProblem(
-                "network", f"connection to {account.host} lost at login: {_text(error)}"
+                "network", f"connection to {account.host} lost at login: {describe(error)}"
             ) from None
         raise ImapProblem(
             "login",
-            f"IMAP login of {account.username} at {account.host} was rejected ({_text(error)}): "
+            f"IMAP login of {account.username} at {account.host} was rejected ({describe(error)}): "
             f"check the password of account {account.name}",
         ) from None
     except (OSError, EOFError, IMAPClientAbortError) as error:
         raise ImapProblem(
-            "network", f"connection to {account.host} lost at login: {_os_reason(error)}"
+            "network", f"connection to {account.host} lost at login: {describe(error)}"
         ) from None
     except IMAPClientError as error:  # e.g. AUTHENTICATE PLAIN not offered
-        raise ImapProblem("protocol", f"{account.host} refused the login: {_text(error)}") from None
+        raise ImapProblem("protocol", f"{account.host} refused the login: {describe(error)}") from None
 
 
 def connect(account: Account) -> Any:
@@ -159,8 +155,11 @@ def close(client: Any) -> None:
             client.shutdown()
 
 
-def _text(error: BaseException) -> str:
-    text = str(error)
+def describe(error: BaseException) -> str:
+    """One error as words: "timed out", the OS's reason, or the server's text (without b'')."""
+    if isinstance(error, socket.timeout):
+        return "timed out"
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
     return text[2:-1] if text.startswith("b'") else text
 
 
@@ -185,7 +184,8 @@ class ImapFolder:
             info = self.client.select_folder(name, readonly=self.account.after.action == "keep")
         except IMAPClientError as error:
             raise ImapProblem(
-                "folder", f"folder {name!r} of account {self.account.name} cannot be opened: {_text(error)}"
+                "folder",
+                f"folder {name!r} of account {self.account.name} cannot be opened: {describe(error)}",
             ) from None
         self.name = name
         self._check_move_target()
@@ -263,7 +263,7 @@ class ImapFolder:
             raise ImapProblem(
                 "after",
                 f"the ingress took UIDs {uids[0]}..{uids[-1]} of {self.account.name}/{self.name}, but "
-                f"after = {after} failed: {_text(error)}",
+                f"after = {after} failed: {describe(error)}",
             ) from None
 
     def _apply(self, uids: List[int], after: After) -> None:

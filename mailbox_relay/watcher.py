@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 from mailbox_relay.accounts import Account
 from mailbox_relay.fetcher import FolderResult, FolderSync, Post
-from mailbox_relay.fetching import CONNECTION_ERRORS, FetchContext, describe_error, make_post
+from mailbox_relay.fetching import CONNECTION_ERRORS, FetchContext, make_post
 from mailbox_relay.fetchstate import FetchState
-from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect
+from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe
 from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
 from mailbox_relay.message import Prepared
@@ -169,7 +169,7 @@ class FolderWatcher:
         except ImapProblem as problem:
             self._failed(problem)
         except CONNECTION_ERRORS as error:
-            self.log(f"{self.where}: connection lost ({describe_error(error)}); reconnecting")
+            self.log(f"{self.where}: connection lost ({describe(error)}); reconnecting")
             worked = True
         except Exception as error:  # a bug of ours: say so, and start over after the backoff
             self.log(f"{self.where}: internal error ({type(error).__name__}: {error}); please report this")
