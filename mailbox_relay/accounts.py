@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.endpoint import is_loopback
@@ -177,6 +177,7 @@ ACCOUNT_KEYS: Dict[str, Tuple[Callable[[Any, str], Any], Any]] = {
     "ca_bundle": (parse_str, None),
 }
 PASSWORD_KEYS = ("password_file", "password_command", "password")
+DERIVED = ("host", "port", "tls")  # keys that a preset may supply (see _server)
 
 
 def parse_account(name: str, table: Any, path: str) -> Account:
@@ -193,21 +194,10 @@ def parse_account(name: str, table: Any, path: str) -> Account:
     host, port, tls = _server(values, where)
     if values["username"] is None:
         raise ConfigError(f"{where} has no username")
+    # Every key that is an Account attribute as it stands; the derived ones (server, password) apart.
+    copied = {f.name: values[f.name] for f in fields(Account) if f.name in values and f.name not in DERIVED}
     return Account(
-        name=name,
-        host=host,
-        port=port,
-        tls=tls,
-        username=values["username"],
-        folders=values["folders"],
-        after=values["after"],
-        start=values["start"],
-        envelope_recipient=values["envelope_recipient"],
-        poll_interval=values["poll_interval"],
-        idle_refresh=values["idle_refresh"],
-        timeout=values["timeout"],
-        ca_bundle=values["ca_bundle"],
-        password_source=_password_source(values, where),
+        name=name, host=host, port=port, tls=tls, password_source=_password_source(values, where), **copied
     )
 
 
