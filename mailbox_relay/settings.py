@@ -665,7 +665,3 @@ def settings_from(layers: Layers) -> Settings:
             "--password-file, or put password_file in the config file"
         )
     return settings
-
-
-def load_settings(options: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
-    return settings_from(open_layers(options, environ))

@@ -12,13 +12,19 @@ import pytest
 
 from mailbox_relay.endpoint import RELAY_PATH
 from mailbox_relay.outcome import ConfigError, Kind
-from mailbox_relay.settings import PasswordFileWarning, load_settings, parse_recipients, parse_size
+from mailbox_relay.settings import (
+    PasswordFileWarning,
+    open_layers,
+    parse_recipients,
+    parse_size,
+    settings_from,
+)
 
 URL = "https://app.example.com"
 
 
 def load(options: Dict[str, Any], env: Dict[str, str]) -> Any:
-    return load_settings(options, env)
+    return settings_from(open_layers(options, env))
 
 
 def write_config(path: Path, text: str) -> str:
