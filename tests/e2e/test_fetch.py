@@ -248,6 +248,11 @@ def test_a_poison_message_is_quarantined_while_the_others_flow(
     assert code == 0 and ingress.bodies[-1] == message("fine 4"), out  # quarantined: not tried
     _, out, _ = invoke(["status"], env=box.env())
     assert "quarantined UID 1 after 3 tries: 4.3.0" in out, out
+    ingress.poison = b""  # the app fixed: --retry-quarantined gives it a fresh set of tries
+    assert box.fetch()[0] == 0 and box.count() == 1  # not without the option
+    code, out, err = box.fetch("--retry-quarantined")
+    assert code == 0 and "1 quarantined messages get a fresh set of tries" in err, out
+    assert ingress.bodies[-1] == poison and box.count() == 0
 
 
 def test_the_same_500_for_everyone_quarantines_nothing(
