@@ -29,7 +29,7 @@ from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe
 from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
 from mailbox_relay.message import Prepared
-from mailbox_relay.outcome import ConfigError, Exit, Outcome, internal_error
+from mailbox_relay.outcome import ConfigError, Exit, Outcome, RelayError, internal_error
 from mailbox_relay.signals import stop_signals
 
 LOGIN_TRIES = 3  # rejected logins in a row before the watch gives up (exit 78)
@@ -137,7 +137,11 @@ class FolderWatcher:
         self.wake_at = float("inf")  # monotonic: a pass is due then even without news (a retry)
 
     def run(self) -> None:
-        state = self.watch.context.open_state()
+        try:
+            state = self.watch.context.open_state()
+        except RelayError as error:  # a thread that ended quietly would leave its folder unwatched
+            self.watch.give_up(f"{self.where}: {error.outcome.detail}")
+            return
         sync = self.watch.context.folder_sync(
             self.account, state, self.watch.courier.post, self.log, self.log, self.watch.stop.is_set
         )
