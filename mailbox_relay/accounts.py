@@ -8,6 +8,7 @@ Every key is declared once in ACCOUNT_KEYS; an unknown key is an error, as at th
 from __future__ import annotations
 
 import datetime
+import os
 import shlex
 import subprocess
 from dataclasses import dataclass, fields
@@ -22,17 +23,77 @@ from mailbox_relay.settings import (
     parse_str,
     parse_timeout,
     read_password_file,
+    state_home,
 )
 
 # Where each provider's IMAP lives. Both want implicit TLS on 993 (see docs: Gmail needs IMAP
 # turned on and an app password; Microsoft 365 turned basic auth off in 2022).
 PRESETS: Dict[str, Tuple[str, int, str]] = {
     "gmail": ("imap.gmail.com", 993, "implicit"),
+    "google": ("imap.gmail.com", 993, "implicit"),
     "microsoft": ("outlook.office365.com", 993, "implicit"),
 }
 TLS_MODES = ("implicit", "starttls", "none")
 AFTER_MODES = ("keep", "seen", "delete", "move:FOLDER")
 PASSWORD_COMMAND_SECONDS = 30.0
+AUTH_MODES = ("password", "xoauth2")
+
+
+@dataclass(frozen=True)
+class OAuth2Provider:
+    """A provider's OAuth2 endpoints, and how `mailbox-relay auth` obtains the first grant."""
+
+    token_url: str
+    authorize_url: str = ""  # the loopback flow (RFC 8252, with PKCE)
+    device_url: str = ""  # the device-code flow (RFC 8628)
+    scopes: Tuple[str, ...] = ()
+    authorize_extra: Tuple[Tuple[str, str], ...] = ()  # e.g. Google's access_type=offline
+
+
+_GOOGLE = OAuth2Provider(
+    token_url="https://oauth2.googleapis.com/token",
+    authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
+    scopes=("https://mail.google.com/",),
+    # Without these Google issues no refresh token (or only on the very first consent).
+    authorize_extra=(("access_type", "offline"), ("prompt", "consent")),
+)
+_MICROSOFT = "https://login.microsoftonline.com/common/oauth2/v2.0"
+OAUTH2_PRESETS: Dict[str, OAuth2Provider] = {
+    "gmail": _GOOGLE,  # Google's device flow does not grant the Gmail scope: loopback only
+    "google": _GOOGLE,
+    "microsoft": OAuth2Provider(
+        token_url=f"{_MICROSOFT}/token",
+        authorize_url=f"{_MICROSOFT}/authorize",
+        device_url=f"{_MICROSOFT}/devicecode",
+        scopes=("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class OAuth2:
+    """How an `auth = "xoauth2"` account gets its access tokens: a token command, or our own
+    refresh with a grant that `mailbox-relay auth` stored in `token_file`."""
+
+    provider: OAuth2Provider
+    client_id: str
+    client_secret_file: Optional[str]
+    token_command: Optional[str]
+    token_file: str
+
+    def client_secret(self, account: str) -> Optional[str]:
+        if self.client_secret_file is None:
+            return None
+        where = f"oauth2_client_secret_file of account {account}"
+        return read_password_file(self.client_secret_file, where)[0]
+
+    def describe(self) -> str:
+        if self.token_command is not None:
+            return f"auth xoauth2, tokens from oauth2_token_command {self.token_command}"
+        return (
+            f"auth xoauth2, client {self.client_id} at {self.provider.token_url}, "
+            f"scopes {' '.join(self.provider.scopes) or '(none)'}, grant in {self.token_file}"
+        )
 
 
 @dataclass(frozen=True)
@@ -62,6 +123,7 @@ class Account:
     timeout: float  # for each IMAP command and the connection
     ca_bundle: Optional[str]
     password_source: Tuple[str, str]  # ("file" | "command" | "config", its value) — never logged
+    oauth2: Optional[OAuth2] = None  # set exactly when auth = "xoauth2"
 
     @property
     def start_date(self) -> Optional[datetime.date]:
@@ -73,21 +135,24 @@ class Account:
         if kind == "file":
             return read_password_file(value, f"password_file of account {self.name}")[0]
         if kind == "command":
-            return _run_password_command(value, self.name)
+            return run_secret_command(value, "password_command", self.name)
         return value
 
     def describe(self) -> List[str]:
         """For -v and check: every setting of the account, the password only by where it lives."""
         kind, value = self.password_source
         where = "in the config file" if kind == "config" else f"{kind} {value}"
+        auth = self.oauth2.describe() if self.oauth2 else f"password {where}"
         return [
             f"account {self.name}: {self.username} at {self.host}:{self.port} (tls {self.tls})",
             f"account {self.name}: folders {', '.join(self.folders)}; after {self.after}; "
-            f"start {self.start}; password {where}",
+            f"start {self.start}; {auth}",
         ]
 
 
-def _run_password_command(command: str, account: str) -> str:
+def run_secret_command(command: str, key: str, account: str) -> str:
+    """The first line a password or token command prints; it runs without a shell, and what it
+    prints is never logged (only that it failed, and its exit code)."""
     try:
         result = subprocess.run(
             shlex.split(command),
@@ -97,11 +162,11 @@ def _run_password_command(command: str, account: str) -> str:
             check=False,
         )
     except (OSError, ValueError, subprocess.TimeoutExpired) as error:
-        raise ConfigError(f"password_command of account {account} failed to run: {error}") from None
+        raise ConfigError(f"{key} of account {account} failed to run: {error}") from None
     first_line = result.stdout.decode("utf-8", "replace").split("\n")[0].rstrip("\r")
     if result.returncode != 0 or not first_line:
-        problem = f"exited {result.returncode}" if result.returncode else "printed no password"
-        raise ConfigError(f"password_command of account {account} {problem}; run it by hand to see why")
+        problem = f"exited {result.returncode}" if result.returncode else "printed nothing"
+        raise ConfigError(f"{key} of account {account} {problem}; run it by hand to see why")
     return first_line
 
 
@@ -150,6 +215,37 @@ def _start(value: Any, where: str) -> str:
         raise ConfigError(f"{where} must be new, all or a date such as 2024-01-31, not {value!r}") from None
 
 
+def _oauth2_url(value: Any, where: str) -> str:
+    """https, or http to a loopback host only: grants and tokens must not cross a network in clear."""
+    from urllib.parse import urlsplit
+
+    text = parse_str(value, where)
+    parts = urlsplit(text)
+    if parts.scheme == "https" and parts.hostname:
+        return text
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+        return text
+    raise ConfigError(f"{where} must be an https:// URL (http:// only to a loopback host), not {value!r}")
+
+
+def _scopes(value: Any, where: str) -> Tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split()
+    if not isinstance(value, list) or not all(isinstance(s, str) and s and " " not in s for s in value):
+        raise ConfigError(f"{where} must be a list of scopes, not {value!r}")
+    return tuple(value)
+
+
+def _command(value: Any, where: str) -> str:
+    text = parse_str(value, where)
+    try:
+        if not shlex.split(text):
+            raise ValueError("it is empty")
+    except ValueError as error:
+        raise ConfigError(f"{where} cannot be split into words: {error}") from None
+    return text
+
+
 def _poll(value: Any, where: str) -> float:
     seconds = parse_seconds(value, where)
     if seconds < 1:
@@ -165,8 +261,17 @@ ACCOUNT_KEYS: Dict[str, Tuple[Callable[[Any, str], Any], Any]] = {
     "tls": (_choice(TLS_MODES), None),
     "username": (parse_str, None),
     "password_file": (parse_str, None),
-    "password_command": (parse_str, None),
+    "password_command": (_command, None),
     "password": (parse_str, None),
+    "auth": (_choice(AUTH_MODES), "password"),
+    "oauth2_client_id": (parse_str, None),
+    "oauth2_client_secret_file": (parse_str, None),
+    "oauth2_token_url": (_oauth2_url, None),
+    "oauth2_authorize_url": (_oauth2_url, None),
+    "oauth2_device_url": (_oauth2_url, None),
+    "oauth2_scopes": (_scopes, None),
+    "oauth2_token_command": (_command, None),
+    "oauth2_token_file": (parse_str, None),
     "folders": (_folders, ("INBOX",)),
     "after": (_after, After("keep")),
     "start": (_start, "new"),
@@ -177,10 +282,13 @@ ACCOUNT_KEYS: Dict[str, Tuple[Callable[[Any, str], Any], Any]] = {
     "ca_bundle": (parse_str, None),
 }
 PASSWORD_KEYS = ("password_file", "password_command", "password")
+OAUTH2_KEYS = tuple(key for key in ACCOUNT_KEYS if key.startswith("oauth2_"))
 DERIVED = ("host", "port", "tls")  # keys that a preset may supply (see _server)
 
 
-def parse_account(name: str, table: Any, path: str) -> Account:
+def parse_account(name: str, table: Any, path: str, token_dir: str = "") -> Account:
+    """One [accounts.NAME] table. `token_dir` holds the OAuth2 grants `auth` stores (default:
+    the state directory's oauth2/)."""
     where = f"[accounts.{name}] in {path}"
     if not isinstance(table, dict):
         raise ConfigError(f"accounts.{name} in {path} must be a table ([accounts.{name}])")
@@ -196,9 +304,40 @@ def parse_account(name: str, table: Any, path: str) -> Account:
         raise ConfigError(f"{where} has no username")
     # Every key that is an Account attribute as it stands; the derived ones (server, password) apart.
     copied = {f.name: values[f.name] for f in fields(Account) if f.name in values and f.name not in DERIVED}
-    return Account(
-        name=name, host=host, port=port, tls=tls, password_source=_password_source(values, where), **copied
+    server: Dict[str, Any] = {"name": name, "host": host, "port": port, "tls": tls}
+    if values["auth"] == "xoauth2":
+        token_dir = token_dir or os.path.join(state_home(os.environ), "oauth2")
+        oauth2 = _oauth2(values, name, where, token_dir)
+        return Account(**server, password_source=("xoauth2", ""), oauth2=oauth2, **copied)
+    given = [key for key in OAUTH2_KEYS if values[key] is not None]
+    if given:
+        raise ConfigError(f'{where} has {given[0]} but auth = "password": set auth = "xoauth2" to use OAuth2')
+    return Account(**server, password_source=_password_source(values, where), **copied)
+
+
+def _oauth2(values: Mapping[str, Any], name: str, where: str, token_dir: str) -> OAuth2:
+    """auth = "xoauth2": either a token command, or a client of a provider (preset or URLs)."""
+    given = [key for key in PASSWORD_KEYS if values[key] is not None]
+    if given:
+        raise ConfigError(f'{where} has {given[0]}, but auth = "xoauth2" logs in with tokens: remove it')
+    preset = OAUTH2_PRESETS.get(values["provider"] or "")
+    provider = OAuth2Provider(
+        token_url=values["oauth2_token_url"] or (preset.token_url if preset else ""),
+        authorize_url=values["oauth2_authorize_url"] or (preset.authorize_url if preset else ""),
+        device_url=values["oauth2_device_url"] or (preset.device_url if preset else ""),
+        scopes=values["oauth2_scopes"] or (preset.scopes if preset else ()),
+        authorize_extra=preset.authorize_extra if preset else (),
     )
+    command, client_id = values["oauth2_token_command"], values["oauth2_client_id"]
+    if (command is None) == (client_id is None):
+        raise ConfigError(
+            f'{where}: auth = "xoauth2" needs oauth2_client_id (mailbox-relay refreshes the tokens) '
+            "or oauth2_token_command (a command prints one), and only one of them"
+        )
+    if client_id is not None and not provider.token_url:
+        raise ConfigError(f"{where} needs oauth2_token_url (or provider = {' or '.join(OAUTH2_PRESETS)})")
+    token_file = values["oauth2_token_file"] or os.path.join(token_dir, f"{name}.json")
+    return OAuth2(provider, client_id or "", values["oauth2_client_secret_file"], command, token_file)
 
 
 def _server(values: Mapping[str, Any], where: str) -> Tuple[str, int, str]:
@@ -222,22 +361,16 @@ def _password_source(values: Mapping[str, Any], where: str) -> Tuple[str, str]:
     if len(given) > 1:
         raise ConfigError(f"{where} has {' and '.join(given)}: give only one of them")
     key = given[0]
-    if key == "password_command":
-        try:
-            if not shlex.split(values[key]):
-                raise ValueError("it is empty")
-        except ValueError as error:
-            raise ConfigError(f"password_command of {where} cannot be split into words: {error}") from None
     return ("config" if key == "password" else key.split("_")[1], values[key])
 
 
-def accounts_from(config: Mapping[str, Any], path: Optional[str]) -> Dict[str, Account]:
+def accounts_from(config: Mapping[str, Any], path: Optional[str], token_dir: str = "") -> Dict[str, Account]:
     """Every account of the config file, checked; {} when it has none."""
     tables = config.get("accounts", {})
     where = path or "the config file"
     if not isinstance(tables, dict):
         raise ConfigError(f"accounts in {where} must be tables: [accounts.NAME]")
-    return {name: parse_account(name, table, where) for name, table in tables.items()}
+    return {name: parse_account(name, table, where, token_dir) for name, table in tables.items()}
 
 
 def choose_accounts(
@@ -257,4 +390,6 @@ def choose_accounts(
 
 def load_accounts(layers: Layers, names: Sequence[str]) -> List[Account]:
     """The accounts of the layers' config file that `names` choose (all when empty)."""
-    return choose_accounts(accounts_from(layers.config, layers.config_path), tuple(names), layers.config_path)
+    token_dir = os.path.join(state_home(layers.environ), "oauth2")
+    accounts = accounts_from(layers.config, layers.config_path, token_dir)
+    return choose_accounts(accounts, tuple(names), layers.config_path)

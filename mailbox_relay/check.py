@@ -126,8 +126,8 @@ def _connect(
 
 # --- IMAP accounts (check --account) ------------------------------------------------------------
 
-# What each IMAP problem means for check's exit code.
-_IMAP_CODES = {"login": Exit.NOPERM, "folder": Exit.CONFIG}
+# What each IMAP (or OAuth2 token) problem means for check's exit code.
+_IMAP_CODES = {"login": Exit.NOPERM, "grant": Exit.NOPERM, "client": Exit.CONFIG, "folder": Exit.CONFIG}
 
 
 def _check_account(report: Report, account: Account) -> bool:
@@ -140,6 +140,8 @@ def _check_account(report: Report, account: Account) -> bool:
     if probe is None:
         return False
     probe.close()
+    if account.oauth2 is not None and not _oauth2_token(report, account):
+        return False
     try:
         client = open_connection(account)
     except ImapProblem as problem:
@@ -151,7 +153,8 @@ def _check_account(report: Report, account: Account) -> bool:
     try:
         report.passed("imap tls", _imap_tls(client, account))
         login(client, account)
-        report.passed("imap login", f"{account.username} logged in")
+        how = "AUTHENTICATE XOAUTH2" if account.oauth2 else "LOGIN"
+        report.passed("imap login", f"{account.username} logged in ({how})")
         found = capabilities(client)
         wanted = ", ".join(
             f"{name} {'yes' if name in found else 'no'}" for name in ("IDLE", "MOVE", "UIDPLUS")
@@ -168,6 +171,22 @@ def _check_account(report: Report, account: Account) -> bool:
         return False
     finally:
         close(client)
+
+
+def _oauth2_token(report: Report, account: Account) -> bool:
+    """A new access token, which proves the stored grant (or the token command) still works."""
+    from mailbox_relay.oauth2 import TokenProblem, token_source
+
+    try:
+        token = token_source(account).renew()
+    except TokenProblem as problem:
+        report.failed("oauth2 token", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        return False
+    except ConfigError as error:  # the grant file or the client secret file
+        report.failed("oauth2 token", error.outcome.detail, Exit.CONFIG)
+        return False
+    report.passed("oauth2 token", token.describe())
+    return True
 
 
 def _imap_tls(client: Any, account: Account) -> str:

@@ -15,7 +15,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from mailbox_relay.accounts import Account, After
 from mailbox_relay.outcome import ConfigError
@@ -33,7 +33,7 @@ class ImapProblem(Exception):
 
     def __init__(self, kind: str, line: str) -> None:
         super().__init__(line)
-        self.kind = kind  # dns | connect | tls | login | folder | after | protocol | network
+        self.kind = kind  # dns | connect | tls | login | grant | folder | after | protocol | network
         self.line = line
 
 
@@ -110,6 +110,9 @@ def _keepalive(sock: socket.socket) -> None:
 
 
 def login(client: Any, account: Account) -> None:
+    if account.oauth2 is not None:
+        _xoauth2_login(client, account)
+        return
     from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 
     password = account.password()
@@ -120,20 +123,94 @@ def login(client: Any, account: Account) -> None:
             client.plain_login(account.username, password)
     except LoginError as error:
         if isinstance(error.__context__, (imaplib.IMAP4.abort, OSError)):  # IMAPClient wraps those
-            raise ImapProblem(
-                "network", f"connection to {account.host} lost at login: {describe(error)}"
-            ) from None
+            raise _lost_at_login(account, error) from None
         raise ImapProblem(
             "login",
             f"IMAP login of {account.username} at {account.host} was rejected ({describe(error)}): "
             f"check the password of account {account.name}",
         ) from None
     except (OSError, EOFError, IMAPClientAbortError) as error:
-        raise ImapProblem(
-            "network", f"connection to {account.host} lost at login: {describe(error)}"
-        ) from None
+        raise _lost_at_login(account, error) from None
     except IMAPClientError as error:  # e.g. AUTHENTICATE PLAIN not offered
         raise ImapProblem("protocol", f"{account.host} refused the login: {describe(error)}") from None
+
+
+def _lost_at_login(account: Account, error: BaseException) -> ImapProblem:
+    return ImapProblem("network", f"connection to {account.host} lost at login: {describe(error)}")
+
+
+def _xoauth2_login(client: Any, account: Account) -> None:
+    """AUTHENTICATE XOAUTH2 with a fresh token; if refused, one new token and one more try (the
+    token in hand may have been revoked, or expired early). Tokens never reach a message."""
+    from mailbox_relay.oauth2 import token_source
+
+    if not client.has_capability("AUTH=XOAUTH2"):
+        raise ImapProblem(
+            "login",
+            f"{account.host} does not offer AUTHENTICATE XOAUTH2: "
+            f"check host and auth of account {account.name}",
+        )
+    source = token_source(account)
+    token = _token(source.current)
+    if not _xoauth2(client, account, token.access):
+        refused = token
+        token = _token(lambda: source.renew(refused))
+        if not _xoauth2(client, account, token.access):
+            raise ImapProblem(
+                "login",
+                f"AUTHENTICATE XOAUTH2 of {account.username} at {account.host} was refused even with a new "
+                f"token: username of account {account.name} must be the mailbox the grant is for "
+                f"(else run `mailbox-relay auth {account.name}` again)",
+            )
+    client.mailbox_relay_replace_at = token.replace_session_at()
+
+
+def _token(obtain: Callable[[], Any]) -> Any:
+    """A Token, or the TokenProblem as an ImapProblem of the kind the callers act on."""
+    from mailbox_relay.oauth2 import TokenProblem
+
+    try:
+        return obtain()
+    except TokenProblem as problem:
+        kind = {"grant": "grant", "client": "login"}.get(problem.kind, "network")
+        raise ImapProblem(kind, problem.line) from None
+
+
+def _xoauth2(client: Any, account: Account, access: str) -> bool:
+    """True when the server took the token; False when it refused it."""
+    from imapclient.exceptions import LoginError
+
+    try:
+        client.sasl_login("XOAUTH2", _Xoauth2(account.username, access))
+    except LoginError as error:
+        if isinstance(error.__context__, (imaplib.IMAP4.abort, OSError)):
+            raise _lost_at_login(account, error) from None
+        return False
+    except (OSError, EOFError) as error:
+        raise _lost_at_login(account, error) from None
+    return True
+
+
+class _Xoauth2:
+    """The SASL XOAUTH2 exchange: the token first; to the server's error challenge (a JSON
+    status) an empty answer, as Google and Microsoft require, after which it says NO."""
+
+    def __init__(self, username: str, access: str) -> None:
+        self.initial: Optional[bytes] = f"user={username}\x01auth=Bearer {access}\x01\x01".encode()
+
+    def __call__(self, challenge: bytes) -> bytes:
+        response, self.initial = self.initial or b"", None
+        return response
+
+    def __repr__(self) -> str:  # never the token, should anything print this object
+        return "<XOAUTH2>"
+
+
+def session_replace_at(client: Any) -> Optional[float]:
+    """When (epoch seconds) this connection's OAuth2 token runs out and it should be replaced
+    by a new connection; None for a password login, which does not run out."""
+    value = getattr(client, "mailbox_relay_replace_at", None)
+    return float(value) if value is not None else None
 
 
 def connect(account: Account) -> Any:

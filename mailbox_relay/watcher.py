@@ -11,6 +11,11 @@ Liveness: IDLE is re-issued every `idle_refresh` seconds (default 90, well under
 servers allow), and each re-issue waits at most `timeout` for the server's answer, so a
 connection that went silent (no FIN, no RST: a blackhole) is noticed within about two minutes.
 TCP keepalive covers the rest.
+
+OAuth2 (auth = "xoauth2"): each connection logs in with a fresh token and is replaced by a new
+one shortly before that token expires (Exchange Online ends the session then). A refused grant
+pauses the account's folders, with the line that says to run `auth` again, until the grant file
+changes (that is, `auth` ran) or GRANT_RECHECK passes.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from mailbox_relay.accounts import Account
 from mailbox_relay.fetcher import FolderResult, FolderSync, Post
 from mailbox_relay.fetching import CONNECTION_ERRORS, FetchContext, make_post
 from mailbox_relay.fetchstate import FetchState
-from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe
+from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe, session_replace_at
 from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
 from mailbox_relay.message import Prepared
+from mailbox_relay.oauth2 import grant_stamp
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, RelayError, internal_error
 from mailbox_relay.signals import stop_signals
 
@@ -36,6 +42,7 @@ LOGIN_TRIES = 3  # rejected logins in a row before the watch gives up (exit 78)
 RECONNECT = Backoff(first=1.0, cap=60.0)
 PAUSED = Backoff(first=5.0, cap=300.0)  # after the ingress paused a folder: try again this often
 TICK = 0.5  # how often an idle thread looks at the stop flag
+GRANT_RECHECK = 300.0  # a refused OAuth2 grant is tried again this often even if its file is unchanged
 
 
 class Watch:
@@ -135,6 +142,8 @@ class FolderWatcher:
         self.pauses = 0
         self.paused_until = 0.0  # monotonic: no pass before this (the ingress paused the folder)
         self.wake_at = float("inf")  # monotonic: a pass is due then even without news (a retry)
+        self.session_ends = float("inf")  # monotonic: its OAuth2 token runs out; reconnect first
+        self.grant_refused: Optional[str] = None  # the line, while the account's grant is refused
 
     def run(self) -> None:
         try:
@@ -149,7 +158,9 @@ class FolderWatcher:
         try:
             while not self.watch.stop.is_set():
                 attempt = 0 if self._connected(sync, state) else attempt + 1
-                if not self.watch.stop.is_set():
+                if self.grant_refused is not None:
+                    self._wait_for_grant(self.grant_refused)
+                elif not self.watch.stop.is_set():
                     self.watch.stop.wait(RECONNECT.delay(max(attempt, 1)))
         finally:
             state.close()
@@ -165,6 +176,8 @@ class FolderWatcher:
             self.watch.give_up(f"{self.where}: {error.outcome.detail}")
             return False
         self.login_failures = 0
+        self.grant_refused = None
+        self.session_ends = _monotonic_at(session_replace_at(client))
         self.log(f"{self.where}: connected to {self.account.host}")
         worked = False
         try:
@@ -183,6 +196,9 @@ class FolderWatcher:
         return worked
 
     def _failed(self, problem: ImapProblem) -> None:
+        if problem.kind == "grant":  # a person must run `auth`: wait for that, say it once
+            self.grant_refused = problem.line
+            return
         if problem.kind == "login":
             self.login_failures += 1
             if self.login_failures >= LOGIN_TRIES:
@@ -202,6 +218,11 @@ class FolderWatcher:
                     marked = True
                     how = "IDLE" if idle else f"polling every {self.account.poll_interval:g}s"
                     self.log(f"{self.where}: caught up; waiting for new mail ({how})")
+            if time.monotonic() >= self.session_ends:
+                self.log(
+                    f"{self.where}: the OAuth2 token of this connection runs out; reconnecting with a new one"
+                )
+                return
             if idle:
                 self._idle(client)
             else:
@@ -220,7 +241,7 @@ class FolderWatcher:
 
     def _idle(self, client: Any) -> None:
         """Until something arrives, `idle_refresh` passes, a pass is due, or stop."""
-        wake = min(time.monotonic() + self.account.idle_refresh, self.wake_at)
+        wake = min(time.monotonic() + self.account.idle_refresh, self.wake_at, self.session_ends)
         client.idle()
         try:
             while not self.watch.stop.is_set() and time.monotonic() < wake:
@@ -230,10 +251,25 @@ class FolderWatcher:
             client.idle_done()  # waits at most `timeout` for the answer: a dead line raises
 
     def _poll(self, client: Any) -> None:
-        wake = min(time.monotonic() + self.account.poll_interval, self.wake_at)
+        wake = min(time.monotonic() + self.account.poll_interval, self.wake_at, self.session_ends)
         while not self.watch.stop.is_set() and time.monotonic() < wake:
             self.watch.stop.wait(min(TICK, max(0.0, wake - time.monotonic())))
         client.noop()
+
+    def _wait_for_grant(self, line: str) -> None:
+        """Until `auth` replaced the grant file, GRANT_RECHECK passed, or stop."""
+        self.log(f"{self.where}: paused: {line}")
+        stamp = grant_stamp(self.account)
+        until = time.monotonic() + GRANT_RECHECK
+        while not self.watch.stop.is_set() and time.monotonic() < until:
+            if grant_stamp(self.account) != stamp:
+                self.log(f"{self.where}: the OAuth2 grant changed; resuming")
+                return
+            self.watch.stop.wait(TICK)
+
+
+def _monotonic_at(epoch: Optional[float]) -> float:
+    return float("inf") if epoch is None else time.monotonic() + (epoch - time.time())
 
 
 def run_watch(context: FetchContext, log: Log) -> Exit:

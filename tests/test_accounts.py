@@ -43,8 +43,11 @@ def test_a_preset_gives_host_port_and_tls_and_each_can_be_overridden() -> None:
     ("table", "says"),
     [
         ({"hots": "x"}, "unknown key 'hots' in [accounts.box]"),
-        ({}, "needs host (or provider = gmail or microsoft)"),
-        ({"provider": "yahoo"}, "provider of [accounts.box] in c.toml must be one of gmail, microsoft"),
+        ({}, "needs host (or provider = gmail or google or microsoft)"),
+        (
+            {"provider": "yahoo"},
+            "provider of [accounts.box] in c.toml must be one of gmail, google, microsoft",
+        ),
         ({"host": "imap.example.com", "tls": "none"}, "tls = none is allowed only to a loopback host"),
         ({"host": "h", "port": 0}, "must be a port number"),
         ({"host": "h", "port": True}, "must be a port number"),
@@ -114,11 +117,12 @@ def test_the_contrib_config_example_parses_with_its_account_uncommented(tmp_path
     ]
     config = tmp_path / "config.toml"
     config.write_text(text[:start] + "\n".join(line.replace("# host", "host") for line in block) + "\n")
-    code, out, err = invoke(
-        ["status", "--account", "support", "--config", str(config), "--fetch-state", str(tmp_path / "s")]
-    )
-    assert (code, err) == (0, ""), err
-    assert "nothing fetched yet" in out
+    for name in ("support", "office"):  # a password account and an OAuth2 one
+        code, out, err = invoke(
+            ["status", "--account", name, "--config", str(config), "--fetch-state", str(tmp_path / "s")]
+        )
+        assert (code, err) == (0, ""), err
+        assert "nothing fetched yet" in out
 
 
 def test_fetch_without_accounts_says_how_to_add_one(tmp_path: Path) -> None:

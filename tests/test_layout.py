@@ -83,6 +83,8 @@ def test_deliver_imports_none_of_the_other_commands() -> None:
         "mailbox_relay.fetching",
         "mailbox_relay.imap",
         "mailbox_relay.watcher",
+        "mailbox_relay.cli.auth",
+        "mailbox_relay.oauth2",
     }
     assert (
         reached & (others | {"mailbox_relay.importer", "mailbox_relay.check", "mailbox_relay.server"})

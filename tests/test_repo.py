@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mailbox_relay.cli import COMMANDS
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -60,7 +62,7 @@ def test_the_quickstart_fails_loudly_when_delivery_fails(tmp_path: Path) -> None
     assert b"stored" not in result.stdout
 
 
-@pytest.mark.parametrize("command", ["deliver", "import", "check", "fetch", "watch", "status", "serve"])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_option_is_in_the_readme(command: str) -> None:
     help_text = subprocess.run(
         [sys.executable, "-m", "mailbox_relay", command, "--help"],

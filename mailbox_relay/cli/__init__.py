@@ -31,12 +31,13 @@ COMMANDS: Dict[str, str] = {
     "fetch": "mailbox_relay.cli.fetch:fetch",
     "watch": "mailbox_relay.cli.fetch:watch",
     "status": "mailbox_relay.cli.fetch:status",
+    "auth": "mailbox_relay.cli.auth:auth",
     "serve": "mailbox_relay.cli.serve:serve",
 }
 
 # Commands that people run, never an MTA: their usage errors exit 64 (EX_USAGE). Anything else
 # (deliver, a missing or unknown command) may be an MTA's pipe, where 64 bounces: it exits 75.
-FOR_PEOPLE = frozenset({"import", "check", "fetch", "watch", "status", "serve"})
+FOR_PEOPLE = frozenset({"import", "check", "fetch", "watch", "status", "auth", "serve"})
 
 
 class LazyGroup(click.Group):

@@ -9,6 +9,7 @@ from typing import Dict, Iterator
 
 import pytest
 
+from ..oauth_provider import OAuthProvider
 from .world import Dovecot, RailsApp, build_app_template, mail_host_install, need, relay_command
 
 
@@ -26,6 +27,34 @@ def dovecot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
     yield server
     server.stop()
     shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def oauth_provider() -> Iterator[OAuthProvider]:
+    with OAuthProvider() as provider:
+        yield provider
+
+
+@pytest.fixture(scope="session")
+def oauth_dovecot(oauth_provider: OAuthProvider) -> Iterator[Dovecot]:
+    """A second Dovecot whose XOAUTH2 logins are checked at the test OAuth2 provider."""
+    need("dovecot")
+    server = Dovecot(
+        Path("/tmp") / f"mailbox-relay-e2e-oauth-{os.getpid()}", f"{oauth_provider.url}/introspect"
+    )
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.root, ignore_errors=True)
+
+
+@pytest.fixture
+def idp(oauth_provider: OAuthProvider) -> OAuthProvider:
+    """The session's provider, with this test's defaults: hour-long tokens, no rotation."""
+    oauth_provider.lifetime, oauth_provider.rotate, oauth_provider.client_secret = 3600, False, None
+    oauth_provider.decline = False
+    oauth_provider.grants_used.clear()
+    return oauth_provider
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,8 @@ class Account:
             f'fetch_state = "{self.state}"',
             "retry_for = 0",
         ]
-        lines += ["", "[accounts.box]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+        lines += ["", "[accounts.box]"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items() if value is not None]
         self.config.write_text("\n".join(lines) + "\n")
 
     def env(self) -> Dict[str, str]:

@@ -71,8 +71,12 @@ def message(subject: str, *, to: str = "support@example.com", extra: str = "") -
 
 
 class Dovecot:
-    def __init__(self, root: Path) -> None:
+    """The real Dovecot on a free port. With `introspection_url`, XOAUTH2 logins are checked by
+    Dovecot's own oauth2 passdb, which asks that URL (RFC 7662) about each token."""
+
+    def __init__(self, root: Path, introspection_url: str = "") -> None:
         self.root = root
+        self.introspection_url = introspection_url
         self.port = free_port()
         self.passwd = root / "passwd"
         self.users = 0
@@ -88,7 +92,12 @@ class Dovecot:
         # within the same second may not be seen.
         self.passwd.write_text("".join(f"user{n}:{{PLAIN}}secret-user{n}\n" for n in range(1, 101)))
         config = self.root / "dovecot.conf"
-        config.write_text(_DOVECOT_CONF.format(root=self.root, port=self.port, user=MAIL_USER))
+        text = _DOVECOT_CONF.format(root=self.root, port=self.port, user=MAIL_USER)
+        if self.introspection_url:
+            oauth2 = self.root / "oauth2.conf.ext"
+            oauth2.write_text(_OAUTH2_CONF.format(url=self.introspection_url))
+            text += _OAUTH2_PASSDB.format(path=oauth2)
+        config.write_text(text)
         log = self.root / "dovecot.out"
         self.process = subprocess.Popen(
             ["dovecot", "-F", "-c", str(config)], stdout=log.open("wb"), stderr=subprocess.STDOUT
@@ -156,6 +165,25 @@ service pop3-login {{
     port = 0
   }}
 }}
+"""
+
+
+# Dovecot merges repeated settings: the last auth_mechanisms wins, and passdbs are asked in order
+# (the oauth2 one only for the XOAUTH2 and OAUTHBEARER mechanisms).
+_OAUTH2_PASSDB = """
+auth_mechanisms = plain login xoauth2 oauthbearer
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {path}
+}}
+"""
+
+_OAUTH2_CONF = """introspection_mode = post
+introspection_url = {url}
+username_attribute = username
+active_attribute = active
+active_value = true
 """
 
 
