@@ -19,16 +19,19 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from mailbox_relay.accounts import Account, OAuth2, run_secret_command
 from mailbox_relay.outcome import ConfigError
+from mailbox_relay.settings import PasswordFileWarning
 
 FRESH_FOR = 120.0  # an access token with less life left than this is refreshed before use
 DEFAULT_LIFE = 3600.0  # when the provider does not say (expires_in), and for a token command's
 HTTP_TIMEOUT = 30.0
+MIN_SESSION = 2.0  # seconds a connection lives at least, whatever the token's lifetime
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
 
@@ -55,8 +58,10 @@ class Token:
     def replace_session_at(self) -> float:
         """When a connection that logged in with it should be replaced by one with a new token
         (Exchange Online ends the session when its token expires): a quarter of its life, at
-        most a minute, before the end."""
-        return self.expires_at - min(60.0, (self.expires_at - self.issued_at) / 4)
+        most a minute, before the end; never sooner than MIN_SESSION after it was issued, so a
+        provider's tiny expires_in cannot make a watch reconnect in a tight loop."""
+        margin = min(60.0, (self.expires_at - self.issued_at) / 4)
+        return max(self.expires_at - margin, self.issued_at + MIN_SESSION)
 
     def describe(self) -> str:
         minutes = max(0, round((self.expires_at - time.time()) / 60))
@@ -95,6 +100,12 @@ def read_grant(path: str) -> Optional[Dict[str, Any]]:
     """The stored grant, or None when `auth` has not stored one yet."""
     try:
         with open(path, encoding="utf-8") as handle:
+            if os.fstat(handle.fileno()).st_mode & 0o077:
+                warnings.warn(
+                    f"OAuth2 grant file {path} is readable by others; chmod 600 {path}",
+                    PasswordFileWarning,
+                    stacklevel=2,
+                )
             grant = json.load(handle)
     except FileNotFoundError:
         return None
@@ -154,8 +165,7 @@ def _stored_token(grant: Dict[str, Any], source: str) -> Optional[Token]:
 
 def _granted(answer: Dict[str, Any], source: str) -> Token:
     now = time.time()
-    life = answer.get("expires_in")
-    life = float(life) if isinstance(life, (int, float, str)) and str(life).isdigit() else DEFAULT_LIFE
+    life = _seconds(answer.get("expires_in"), DEFAULT_LIFE)
     return Token(str(answer["access_token"]), now, now + life, str(answer.get("scope") or ""), source)
 
 
@@ -196,12 +206,23 @@ def _why(error: Exception) -> str:
 def refused(status: int, answer: Dict[str, Any], account: Account, url: str) -> TokenProblem:
     """The one line for an endpoint's "no", by its RFC 6749 error code."""
     error = str(answer.get("error") or f"HTTP {status}")
-    description = str(answer.get("error_description") or "").split("\n")[0][:160]
+    description = "".join(c if c.isprintable() else " " for c in str(answer.get("error_description") or ""))[
+        :160
+    ]
     said = f"{error}: {description}" if description else error
     name = account.name
-    if status >= 500 or status == 429 or (status != 400 and status != 401 and "error" not in answer):
+    if 300 <= status < 400:  # never followed: a grant goes to the address configured, or nowhere
+        return TokenProblem(
+            "client",
+            f"the OAuth2 endpoint {url} redirects (HTTP {status}): configure the address it redirects to",
+        )
+    if status >= 500 or status == 429 or 200 <= status < 300:
         return TokenProblem(
             "network", f"the OAuth2 endpoint {url} answered HTTP {status}; trying again later"
+        )
+    if "error" not in answer:  # not an OAuth2 answer at all: the wrong address
+        return TokenProblem(
+            "client", f"the OAuth2 endpoint {url} answered HTTP {status}: check that address in the account"
         )
     if error == "invalid_grant":
         return TokenProblem(
@@ -214,7 +235,8 @@ def refused(status: int, answer: Dict[str, Any], account: Account, url: str) -> 
         return TokenProblem(
             "client",
             f"the OAuth2 provider refused client {client} of account {name} ({said}): "
-            "check oauth2_client_id and oauth2_client_secret_file",
+            f"check oauth2_client_id and oauth2_client_secret_file (after changing the client, "
+            f"run `mailbox-relay auth {name}` again)",
         )
     if error == "invalid_scope":
         return TokenProblem(
@@ -388,7 +410,7 @@ def device_flow(account: Account, say: Callable[[str], None], wait: float) -> Di
     say(f"Open {page} and enter the code {answer.get('user_code')} (within {minutes} min).")
     deadline = time.monotonic() + min(lifetime, wait)
     return _poll_device(
-        account, oauth2, str(answer["device_code"]), _seconds(answer.get("interval"), 5), deadline
+        account, oauth2, str(answer["device_code"]), max(1.0, _seconds(answer.get("interval"), 5)), deadline
     )
 
 
@@ -418,10 +440,12 @@ def _poll_device(
 
 
 def _seconds(value: Any, default: float) -> float:
+    """A positive number of seconds from a provider's JSON (a number or a numeric string)."""
     try:
-        return max(1.0, float(value))
+        seconds = float(value)
     except (TypeError, ValueError):
         return default
+    return seconds if 0 < seconds < 10**7 else default
 
 
 def _timed_out(account: Account) -> TokenProblem:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -45,6 +46,7 @@ def seeded(provider: OAuthProvider, tmp_path: Path, **keys: Any) -> Account:
     path = Path(account.oauth2.token_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(provider.grant_file(provider.grant("user1")))
+    path.chmod(0o600)
     return account
 
 
@@ -223,7 +225,9 @@ def test_a_wrong_client_secret_names_the_settings_to_check(provider: OAuthProvid
     assert TokenSource(seeded(provider, tmp_path, oauth2_client_secret_file=str(secret))).current().access
 
 
-def test_an_unreachable_or_failing_provider_is_temporary(provider: OAuthProvider, tmp_path: Path) -> None:
+def test_an_unreachable_provider_is_temporary_and_a_wrong_address_is_not(
+    provider: OAuthProvider, tmp_path: Path
+) -> None:
     down = seeded(provider, tmp_path, oauth2_token_url=f"http://127.0.0.1:{free_port()}/token")
     with pytest.raises(TokenProblem) as problem:
         TokenSource(down).current()
@@ -231,7 +235,7 @@ def test_an_unreachable_or_failing_provider_is_temporary(provider: OAuthProvider
     missing = seeded(provider, tmp_path, oauth2_token_url=f"{provider.url}/nothing-here")
     with pytest.raises(TokenProblem) as problem:
         TokenSource(missing).current()
-    assert problem.value.kind == "network" and "answered HTTP 404" in problem.value.line
+    assert problem.value.kind == "client" and "answered HTTP 404: check that address" in problem.value.line
 
 
 def test_a_token_command_prints_the_token_and_its_failure_is_temporary(tmp_path: Path) -> None:
@@ -381,3 +385,67 @@ def test_auth_refuses_accounts_it_cannot_authorise(provider: OAuthProvider, tmp_
     auth = Auth(provider, tmp_path, "--flow", "device", oauth2_device_url=None)
     status, _, err = auth.finish()
     assert status == 78 and "has no device-code endpoint: use --flow loopback" in err
+
+
+def test_a_redirecting_token_endpoint_is_not_followed(tmp_path: Path, httpserver: Any) -> None:
+    httpserver.expect_request("/token").respond_with_data(
+        "", 302, headers={"Location": "http://evil.example/"}
+    )
+    account = oauth_account(OAuthProvider(), tmp_path, oauth2_token_url=httpserver.url_for("/token"))
+    assert account.oauth2 is not None
+    Path(account.oauth2.token_file).parent.mkdir(parents=True)
+    Path(account.oauth2.token_file).write_text('{"refresh_token": "rt-x"}')
+    Path(account.oauth2.token_file).chmod(0o600)
+    with pytest.raises(TokenProblem) as problem:
+        TokenSource(account).current()
+    assert problem.value.kind == "client" and "redirects (HTTP 302)" in problem.value.line
+    assert len(httpserver.log) == 1  # and nothing went to evil.example
+
+
+@pytest.mark.parametrize("expires_in", [0, -5, "soon", None, float("inf")])
+def test_a_nonsense_lifetime_counts_as_an_hour(
+    provider: OAuthProvider, tmp_path: Path, httpserver: Any, expires_in: Any
+) -> None:
+    answer = {"access_token": "at-y", "expires_in": expires_in}
+    httpserver.expect_request("/token").respond_with_json({k: v for k, v in answer.items() if v is not None})
+    account = seeded(provider, tmp_path, oauth2_token_url=httpserver.url_for("/token"))
+    token = TokenSource(account).current()
+    assert 3500 < token.expires_at - time.time() <= 3600
+
+
+def test_a_tiny_lifetime_still_gives_each_session_a_minimum(provider: OAuthProvider, tmp_path: Path) -> None:
+    provider.lifetime = 1
+    token = TokenSource(seeded(provider, tmp_path)).current()
+    assert token.replace_session_at() >= token.issued_at + 2  # no reconnect storm in a watch
+
+
+def test_a_grant_file_others_can_read_is_warned_about(provider: OAuthProvider, tmp_path: Path) -> None:
+    account = seeded(provider, tmp_path)
+    assert account.oauth2 is not None
+    os.chmod(account.oauth2.token_file, 0o644)
+    with pytest.warns(UserWarning, match="readable by others; chmod 600"):
+        TokenSource(account).current()
+    assert stat.S_IMODE(os.stat(account.oauth2.token_file).st_mode) == 0o600  # rewritten as 0600
+
+
+def test_an_interrupted_auth_saves_nothing_and_says_so(provider: OAuthProvider, tmp_path: Path) -> None:
+    auth = Auth(provider, tmp_path)
+    auth.line_matching(r"enter the code")
+    auth.process.send_signal(signal.SIGINT)
+    status, _, err = auth.finish()
+    assert status == 75 and "interrupted; nothing was saved: run `mailbox-relay auth box` again" in err
+    assert not auth.grant_file.exists()
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_a_busy_or_failing_provider_is_temporary(
+    provider: OAuthProvider, tmp_path: Path, httpserver: Any, status: int
+) -> None:
+    httpserver.expect_request("/token").respond_with_data("busy", status)
+    account = seeded(provider, tmp_path, oauth2_token_url=httpserver.url_for("/token"))
+    with pytest.raises(TokenProblem) as problem:
+        TokenSource(account).current()
+    assert (
+        problem.value.kind == "network"
+        and f"answered HTTP {status}; trying again later" in problem.value.line
+    )

@@ -91,6 +91,9 @@ def auth(account: str, flow: Optional[str], port: int, wait_seconds: float, **op
     except RelayError as error:  # the config file, the client secret file, the grant file
         to_stderr(error.outcome.detail)
         return Exit.CONFIG
+    except KeyboardInterrupt:
+        to_stderr(f"interrupted; nothing was saved: run `mailbox-relay auth {account}` again")
+        return Exit.TEMPFAIL
     say(
         f"Account {chosen.name} is authorised; the grant is saved in {settings.token_file} "
         f"({'scopes ' + token.scopes if token.scopes else 'scopes as asked'}).",

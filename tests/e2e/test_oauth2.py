@@ -42,6 +42,7 @@ def oauth_box(dovecot: Dovecot, idp: OAuthProvider, tmp: Path, url: str, **keys:
     box = Account(dovecot, tmp, url, password=None, oauth2_token_file=str(grant), **idp.account(), **keys)
     grant.parent.mkdir(mode=0o700, exist_ok=True)
     grant.write_text(idp.grant_file(idp.grant(box.user)))
+    grant.chmod(0o600)
     return box
 
 
