@@ -255,27 +255,61 @@ def _handshake(report: Report, connection: socket.socket, host: str, settings: S
 
 def _probe(report: Report, settings: Settings) -> Report:
     from mailbox_relay.ingress.client import make_session, probe
+    from mailbox_relay.ingress.formats import INGRESSES
 
+    ingress = INGRESSES[settings.ingress]
     started = time.monotonic()
     with make_session(settings) as session:
         status, outcome = probe(session, settings)
-    if status == 415:
+        if status == 404:
+            outcome = Outcome(outcome.reason, _other_ingress(session, settings))
+    if status == ingress.probe_status:
         report.passed(
             "http",
-            "HTTP 415 to a deliberately wrong Content-Type: the URL, the relay ingress and the "
-            "password are right (nothing was stored)",
+            f"HTTP {status} to {ingress.probe}: the URL, the {ingress.name} ingress and the "
+            f"{ingress.secret} are right (nothing was stored)",
         )
     elif outcome.delivered:
         outcome = Outcome(
             Reason.NOT_ACTION_MAILBOX,
-            f"HTTP {status} to a request Action Mailbox would refuse with 415: this URL is not an "
-            "Action Mailbox relay ingress (and may have stored the probe)",
+            f"HTTP {status} to a request Action Mailbox would refuse with {ingress.probe_status}: this URL "
+            f"is not an Action Mailbox {ingress.name} ingress (and may have stored the probe)",
         )
         return report.failed("http", outcome.line(), check_exit_code(outcome))
     else:
         return report.failed("http", outcome.line(), check_exit_code(outcome))
     report.passed("round trip", _ms(started))
     return report
+
+
+def _other_ingress(session: Any, settings: Settings) -> str:
+    """After a 404: which ingress path the app does answer on, next to the URL's."""
+    from urllib.parse import urlsplit
+
+    from mailbox_relay.ingress.client import answers_at
+    from mailbox_relay.ingress.formats import INGRESSES
+
+    ingress = INGRESSES[settings.ingress]
+    url, parts = settings.endpoint.url, urlsplit(settings.endpoint.url)
+    # The app's mount point: the URL's path without the ingress's own part.
+    prefix = parts.path[: -len(ingress.path)] if parts.path.endswith(ingress.path) else ""
+    base = f"{parts.scheme}://{parts.netloc}{prefix}"
+    # This ingress first: the mistake may be the URL's path (old guides print /postfix/).
+    for other in dict.fromkeys([ingress, *INGRESSES.values()]):
+        candidate = base + other.path
+        if candidate == url.split("?")[0] or answers_at(session, settings, candidate) in (None, 404):
+            continue
+        if other is ingress:
+            return f"no {ingress.name} ingress at {url} (HTTP 404), but there is one at {candidate}: use it"
+        return (
+            f"no {ingress.name} ingress at {url} (HTTP 404), but the app answers on the {other.name} "
+            f"ingress ({candidate}): set ingress = {other.name} (and its {other.secret}), or "
+            f"config.action_mailbox.ingress = :{ingress.name} in the app"
+        )
+    return (
+        f"no {ingress.name} ingress at {url} (HTTP 404), and no other Action Mailbox ingress answers "
+        f"under {base}: check the URL's host and path, and that the app loads Action Mailbox"
+    )
 
 
 def _ms(started: float) -> str:

@@ -19,11 +19,12 @@ RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
 
 
 class Endpoint:
-    """The ingress URL, checked and split once. A bare https://host gets the relay path."""
+    """The ingress URL, checked and split once. A bare https://host gets the ingress's path
+    (`default_path`: the relay path unless another ingress is chosen)."""
 
     __slots__ = ("host", "port", "scheme", "url")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, default_path: str = RELAY_PATH) -> None:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -39,7 +40,7 @@ class Endpoint:
             raise ConfigError(f"the ingress URL {url!r} must start with https:// or http:// and name a host")
         _check_host_name(parts.hostname, url)
         if parts.path in ("", "/"):
-            parts = parts._replace(path=RELAY_PATH)
+            parts = parts._replace(path=default_path)
         self.url = urlunsplit(parts)
         self.scheme = parts.scheme
         self.host = parts.hostname or ""  # never empty: checked above
@@ -47,6 +48,10 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"Endpoint({self.url!r})"
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path
 
     @property
     def host_port(self) -> str:

@@ -49,6 +49,8 @@ class Reason(enum.Enum):
     AUTH = ("4.7.0", Kind.TEMPORARY, False, Exit.NOPERM, True)
     FORBIDDEN = ("4.7.1", Kind.TEMPORARY, False, Exit.NOPERM, True)
     INGRESS_LIMIT = ("4.3.4", Kind.TEMPORARY, False, Exit.UNAVAILABLE, False)
+    # The chosen ingress cannot carry this message's bytes unchanged; another ingress could.
+    NOT_CARRIED = ("4.6.3", Kind.TEMPORARY, False, Exit.CONFIG, False)
     CLIENT_ERROR = ("4.3.0", Kind.TEMPORARY, False, Exit.UNAVAILABLE, False)
     BUSY = ("4.4.5", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
     SERVER_ERROR = ("4.3.0", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)

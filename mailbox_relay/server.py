@@ -1,7 +1,9 @@
-"""`serve`: a local relay ingress that answers exactly like Action Mailbox's, into a Maildir.
+"""`serve`: a local ingress that answers exactly like Action Mailbox's, into a Maildir.
 
 Same checks in the same order as Rails' relay controller: path (404), Basic auth (401), media
-type (415), empty body (422, as Rails >= 7.1.4), then 204. Byte-identical re-posts are
+type (415), empty body (422, as Rails >= 7.1.4), then 204. With another ingress (postmark,
+sendgrid, mailgun, mandrill) the request is taken as that controller takes it
+(formats.receive): its path, its Basic auth or signature, its JSON or form. Byte-identical re-posts are
 deduplicated the way Rails' unique index on (Message-ID, SHA1 of the bytes) does: for identical
 bytes the Message-ID is identical too, so the SHA1 alone is the key.
 """
@@ -13,7 +15,7 @@ import hmac
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, List, Optional
 
-from mailbox_relay.endpoint import RELAY_PATH
+from mailbox_relay.ingress.formats import RELAY, Ingress, receive
 from mailbox_relay.log import Log
 from mailbox_relay.maildir import MaildirWriter
 
@@ -43,7 +45,9 @@ class _Refused(Exception):
         self.status = status
 
 
-def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    password: str, maildir: MaildirWriter, log: Log, ingress: Ingress = RELAY
+) -> type[BaseHTTPRequestHandler]:
     class RelayHandler(BaseHTTPRequestHandler):
         server_version = "mailbox-relay-serve"
         protocol_version = "HTTP/1.1"  # keep-alive, as puma does
@@ -53,10 +57,12 @@ def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHT
             body = self._body()
             if body is None:
                 return
-            if self.path.split("?")[0] != RELAY_PATH:
+            if self.path.split("?")[0] != ingress.path:
                 return self._answer(404, "Not Found\n", len(body))
-            if not _authorized(self.headers.get("Authorization"), password):
+            if ingress.basic_auth and not _authorized(self.headers.get("Authorization"), password):
                 return self._answer(401, "HTTP Basic: Access denied.\n", len(body), UNAUTHORIZED_HEADER)
+            if ingress is not RELAY:
+                return self._wrapped(body)
             media_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if media_type != "message/rfc822":
                 return self._answer(415, "", len(body))
@@ -65,10 +71,25 @@ def make_handler(password: str, maildir: MaildirWriter, log: Log) -> type[BaseHT
             stored, name = maildir.store(body)
             self._answer(204, "", len(body), note=f"new/{name}" if stored else "duplicate, not stored")
 
+        def _wrapped(self, body: bytes) -> None:
+            url = f"http://{self.headers.get('Host', '')}{self.path}"  # Rails' request.url
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            received = receive(ingress, password, url, headers, body)
+            notes = [received.why] if received.why else []
+            for raw in received.messages:
+                stored, name = maildir.store(raw)
+                notes.append(f"new/{name}" if stored else "duplicate, not stored")
+            self._answer(received.status, "", len(body), note="; ".join(notes))
+
         def _not_routed(self) -> None:
-            """Every other method, on any path: Rails routes none of them here (404)."""
-            if self._body() is not None:
-                self._answer(404, "Not Found\n", 0)
+            """Every other method: Rails routes none of them here (404), but for Mandrill's
+            health check (GET or HEAD on its path, 200)."""
+            if self._body() is None:
+                return
+            health = ingress.name == "mandrill" and self.command in ("GET", "HEAD")
+            if health and self.path.split("?")[0] == ingress.path:
+                return self._answer(200, "", 0)
+            self._answer(404, "Not Found\n", 0)
 
         def __getattr__(self, name: str) -> Any:
             if name.startswith("do_"):  # HEAD, OPTIONS, TRACE, PROPFIND, ...: not 501, but 404
@@ -175,7 +196,9 @@ class RelayServer(ThreadingHTTPServer):
         self.log(f"{client_address[0]}: request failed ({type(error).__name__}: {error})")
 
 
-def make_server(host: str, port: int, password: str, maildir: MaildirWriter, log: Log) -> RelayServer:
-    server = RelayServer((host, port), make_handler(password, maildir, log))
+def make_server(
+    host: str, port: int, password: str, maildir: MaildirWriter, log: Log, ingress: Ingress = RELAY
+) -> RelayServer:
+    server = RelayServer((host, port), make_handler(password, maildir, log, ingress))
     server.log = log
     return server

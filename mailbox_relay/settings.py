@@ -31,6 +31,7 @@ from typing import (
 
 from mailbox_relay import __version__
 from mailbox_relay.endpoint import Endpoint, TlsPolicy
+from mailbox_relay.ingress.formats import INGRESSES, ingress_of_path
 from mailbox_relay.outcome import ConfigError, UsageError
 
 T = TypeVar("T")
@@ -334,16 +335,25 @@ class Settings(MessageSettings):
     url: Field[str] = Field(
         parse_str,
         None,
-        "Relay ingress URL; a bare https://host gets /rails/action_mailbox/relay/inbound_emails.",
+        "Ingress URL; a bare https://host gets the ingress's path "
+        "(relay: /rails/action_mailbox/relay/inbound_emails).",
         group=CONNECTION,
         metavar="URL",
         aliases=("URL",),
     )
+    ingress: Field[str] = Field(
+        parse_choice(*INGRESSES),
+        "relay",
+        "The app's config.action_mailbox.ingress: its path, authentication and format. The password "
+        "setting holds its secret (mailgun: the signing key; mandrill: the API key).",
+        group=CONNECTION,
+        shown_default="relay",
+    )
     password_file: Field[Optional[str]] = Field(
         parse_str,
         None,
-        "Read the ingress password from the first line of PATH. Otherwise MAILBOX_RELAY_PASSWORD, "
-        "then INGRESS_PASSWORD, then the config file.",
+        "Read the ingress password (or signing key, or API key) from the first line of PATH. "
+        "Otherwise MAILBOX_RELAY_PASSWORD, then INGRESS_PASSWORD, then the config file.",
         group=CONNECTION,
         metavar="PATH",
     )
@@ -403,8 +413,9 @@ class Settings(MessageSettings):
                 "no ingress URL: set MAILBOX_RELAY_URL (or URL), pass --url, or put url in "
                 f"{user_config_path(environ)}"
             )
-        self.endpoint = Endpoint(self.url)
+        self.endpoint = Endpoint(self.url, INGRESSES[self.ingress].path)
         self._values["url"] = self.endpoint.url
+        _check_ingress_path(self.endpoint.path, self.ingress, self.sources.get("ingress", "the default"))
         self.endpoint.refuse_plain_http(self.allow_http)
         self.tls = TlsPolicy(
             insecure=self.insecure,
@@ -428,6 +439,16 @@ class Settings(MessageSettings):
             f"tls = {'not verified' if self.tls.insecure else 'verified'} ({self.tls.source})",
             f"password = <set> ({self.password_source})",
         ]
+
+
+def _check_ingress_path(path: str, ingress: str, source: str) -> None:
+    """A URL that ends in another ingress's path is a mix-up: say so before anything is sent."""
+    named = ingress_of_path(path)
+    if named is not None and named.name != ingress:
+        raise ConfigError(
+            f"the URL ends in the {named.name} ingress's path, but the ingress is {ingress} ({source}): "
+            f"set ingress = {named.name}, or give the URL {INGRESSES[ingress].path} (or a bare host)"
+        )
 
 
 class ImportSettings(Resolved):

@@ -8,11 +8,11 @@ from typing import Any
 import click
 
 from mailbox_relay.cli.options import password_options, usage_errors
-from mailbox_relay.endpoint import RELAY_PATH
+from mailbox_relay.ingress.formats import INGRESSES
 from mailbox_relay.log import to_stderr
 from mailbox_relay.outcome import Exit
 
-HELP = """Run a local relay ingress that answers exactly like Action Mailbox's.
+HELP = """Run a local ingress that answers exactly like Action Mailbox's.
 
 POST /rails/action_mailbox/relay/inbound_emails with Basic auth (user actionmailbox) and
 Content-Type message/rfc822 gets 204 and the exact bytes land in the Maildir (tmp/, fsync,
@@ -23,6 +23,11 @@ nothing.
 
 The password comes from MAILBOX_RELAY_PASSWORD, INGRESS_PASSWORD, --password-file or the
 config file; serve refuses to start without one. Logs one line per request on stderr.
+
+With --ingress postmark, sendgrid, mailgun or mandrill it takes that ingress's requests
+instead, on its path, as Rails' controller does: Basic auth (postmark, sendgrid) or the
+signature made with the password as signing key (mailgun) or API key (mandrill); the raw
+message from RawEmail, email, body-mime or each inbound event's raw_msg.
 
 \b
 Exit codes:
@@ -46,8 +51,15 @@ Exit codes:
     type=click.Path(file_okay=False),
     help="Maildir to store accepted messages in (created if missing).",
 )
+@click.option(
+    "--ingress",
+    type=click.Choice(list(INGRESSES)),
+    default="relay",
+    show_default=True,
+    help="Which Action Mailbox ingress to answer as.",
+)
 @password_options
-def serve(host: str, port: int, maildir: str, **options: Any) -> Exit:
+def serve(host: str, port: int, maildir: str, ingress: str, **options: Any) -> Exit:
     from mailbox_relay.maildir import MaildirWriter
     from mailbox_relay.outcome import ConfigError
     from mailbox_relay.server import make_server
@@ -67,12 +79,14 @@ def serve(host: str, port: int, maildir: str, **options: Any) -> Exit:
         to_stderr(f"cannot use {maildir} as a Maildir: {error.strerror or error}; pass --maildir DIR")
         return Exit.CANTCREAT
     try:
-        server = make_server(host, port, password, inbox, to_stderr)
+        server = make_server(host, port, password, inbox, to_stderr, INGRESSES[ingress])
     except OSError as error:
         to_stderr(f"cannot listen on {host}:{port}: {error.strerror}")
         return Exit.UNAVAILABLE
     bound = server.server_address[1]
-    to_stderr(f"listening on http://{host}:{bound}{RELAY_PATH}, storing into {maildir}/new (Ctrl-C stops)")
+    path = INGRESSES[ingress].path
+    where = f"http://{host}:{bound}{path}"
+    to_stderr(f"listening on {where}, as the {ingress} ingress, storing into {maildir}/new (Ctrl-C stops)")
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, List, Optional
 import requests
 
 from mailbox_relay.endpoint import RELAY_PATH, Endpoint
+from mailbox_relay.ingress.formats import RELAY, Ingress
 from mailbox_relay.outcome import DELIVERED, Outcome, Reason
 
 # Paths that old guides (and the relay controller's own doc comment) print, but Rails never routed.
@@ -25,7 +26,13 @@ def _wrong_ingress_path(url: str) -> bool:
     return any(segment in path for segment in _WRONG_INGRESS_SEGMENTS)
 
 
-def _not_found_detail(url: str) -> str:
+def _not_found_detail(url: str, ingress: Ingress) -> str:
+    if ingress is not RELAY:
+        return (
+            f"no {ingress.name} ingress at {url} (HTTP 404): check the URL ends in {ingress.path} and "
+            f"the app sets config.action_mailbox.ingress = :{ingress.name} (mailbox-relay check finds "
+            "the ingress the app uses)"
+        )
     if _wrong_ingress_path(url):
         fixed = url.split("/rails/action_mailbox/")[0] + RELAY_PATH
         return (
@@ -46,6 +53,7 @@ def classify_response(
     size: Optional[int] = None,
     password_source: str = "the configured password",
     retry_after: Optional[float] = None,
+    ingress: Ingress = RELAY,
 ) -> Outcome:
     """Map an HTTP status from the ingress to its outcome and a line that says what to do."""
     if 200 <= status < 300:
@@ -58,11 +66,7 @@ def classify_response(
             "mailbox-relay never follows redirects",
         )
     if status == 401:
-        return Outcome(
-            Reason.AUTH,
-            f"ingress rejected the password for user actionmailbox (HTTP 401): make {password_source} "
-            "match the app's RAILS_INBOUND_EMAIL_PASSWORD or action_mailbox.ingress_password",
-        )
+        return Outcome(Reason.AUTH, _rejected_detail(ingress, password_source))
     if status == 403:
         return Outcome(
             Reason.FORBIDDEN,
@@ -70,7 +74,7 @@ def classify_response(
             f"allow-list) blocks this client at {url}",
         )
     if status == 404:
-        return Outcome(Reason.NOT_FOUND, _not_found_detail(url))
+        return Outcome(Reason.NOT_FOUND, _not_found_detail(url, ingress))
     if status == 413:
         of = f" of {size} bytes" if size is not None else ""
         return Outcome(
@@ -78,7 +82,7 @@ def classify_response(
             f"message{of} is larger than the ingress accepts (HTTP 413): raise the proxy's body "
             "limit (nginx client_max_body_size, 1m by default)",
         )
-    if status == 415:
+    if status == 415 and ingress is RELAY:
         return Outcome(
             Reason.WRONG_MEDIA_TYPE,
             "ingress refused Content-Type message/rfc822 (HTTP 415): a proxy rewrites the "
@@ -101,7 +105,24 @@ def classify_response(
     return Outcome(
         Reason.CLIENT_ERROR,
         f"ingress answered HTTP {status}, which Action Mailbox never sends: check the URL points at "
-        f"the relay ingress ({url})",
+        f"the {ingress.name} ingress ({url})",
+    )
+
+
+def _rejected_detail(ingress: Ingress, source: str) -> str:
+    if ingress.basic_auth:
+        return (
+            f"ingress rejected the password for user actionmailbox (HTTP 401): make {source} "
+            f"match the app's {ingress.app_secret}"
+        )
+    also = (
+        "; a clock more than 2 minutes behind also fails"
+        if ingress.name == "mailgun"
+        else "; the URL must be the one the app sees (scheme, host, port)"
+    )
+    return (
+        f"ingress rejected the {ingress.secret} signature (HTTP 401): make {source} the app's "
+        f"{ingress.app_secret}{also}"
     )
 
 

@@ -1,4 +1,5 @@
-"""Talking to the relay ingress: one session factory and one post-with-retry. Nothing else posts.
+"""Talking to the ingress: one session factory and one post-with-retry. Nothing else posts.
+How each of the five ingresses carries a message is in formats.py.
 
 Retries (exponential backoff with jitter, or the server's Retry-After) happen only for answers
 that may change by themselves: connect errors, resets, timeouts, 408, 429 and 5xx, and only
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
 import requests
 
 from mailbox_relay.ingress.answers import classify_error, classify_response, parse_retry_after
+from mailbox_relay.ingress.formats import INGRESSES, RELAY
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Outcome, Reason
@@ -31,9 +33,10 @@ def make_session(settings: Settings) -> requests.Session:
     requests' `max_redirects = 0` would raise before we could read the Location.
     """
     session = requests.Session()
-    # As bytes: requests would encode a str password as Latin-1 (and fail on "€"), while Rails
-    # compares the UTF-8 bytes.
-    session.auth = requests.auth.HTTPBasicAuth(RELAY_USER.encode(), settings.password.encode("utf-8"))
+    if INGRESSES[settings.ingress].basic_auth:  # mailgun and mandrill sign each request instead
+        # As bytes: requests would encode a str password as Latin-1 (and fail on "€"), while
+        # Rails compares the UTF-8 bytes.
+        session.auth = requests.auth.HTTPBasicAuth(RELAY_USER.encode(), settings.password.encode("utf-8"))
     session.headers["User-Agent"] = settings.user_agent
     session.headers["Content-Type"] = "message/rfc822"
     # Read the environment (proxies, CA bundle) once here instead of on every post: requests
@@ -122,6 +125,7 @@ def _classify(response: requests.Response, settings: Settings, size: int) -> Out
         location=response.headers.get("Location"),
         size=size,
         password_source=settings.password_source,
+        ingress=INGRESSES[settings.ingress],
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
 
@@ -146,20 +150,54 @@ STREAM_FROM = 1024 * 1024  # smaller messages are sent as one bytes object: one 
 
 
 def post_once(session: requests.Session, settings: Settings, prepared: Prepared) -> Outcome:
-    body = Body(prepared) if prepared.size >= STREAM_FROM else prepared.to_bytes()
-    return _post(session, settings, body, prepared.size)[1]
+    ingress = INGRESSES[settings.ingress]
+    if ingress is RELAY:
+        body = Body(prepared) if prepared.size >= STREAM_FROM else prepared.to_bytes()
+        return _post(session, settings, body, prepared.size)[1]
+    from mailbox_relay.ingress.formats import encode
 
-
-PROBE_BODY = b"mailbox-relay check: a deliberately wrong Content-Type, so nothing is stored\n"
+    data, headers = encode(ingress, prepared.to_bytes(), settings.password, settings.url)
+    return _post(session, settings, data, prepared.size, headers)[1]
 
 
 def probe(session: requests.Session, settings: Settings) -> Tuple[Optional[int], Outcome]:
-    """POST with the right credentials and a wrong Content-Type, for `check`.
+    """For `check`: the ingress's probe (formats.probe), with the right secret. Action Mailbox
+    checks configuration (404), then the secret (401), then the request, so the probe's answer
+    proves URL, ingress and secret right without creating an inbound email."""
+    from mailbox_relay.ingress.formats import probe as probe_request
 
-    Action Mailbox checks configuration (404), then the password (401), then the media type
-    (415), so a 415 proves URL, ingress and password right without creating an inbound email.
-    """
-    return _post(session, settings, PROBE_BODY, len(PROBE_BODY), {"Content-Type": "text/plain"})
+    body, headers = probe_request(INGRESSES[settings.ingress], settings.password, settings.url)
+    return _post(session, settings, body, len(body), headers)
+
+
+def _cannot_carry(settings: Settings, prepared: Prepared) -> Optional[Outcome]:
+    ingress = INGRESSES[settings.ingress]
+    if ingress.carries_any_bytes:
+        return None
+    from mailbox_relay.ingress.formats import cannot_carry
+
+    why = cannot_carry(ingress, prepared.to_bytes())
+    return None if why is None else Outcome(Reason.NOT_CARRIED, why)
+
+
+def answers_at(session: requests.Session, settings: Settings, url: str) -> Optional[int]:
+    """The status one empty POST to `url` gets (None if none came), for `check` to find the
+    ingress an app uses: Rails answers 404 on every ingress path but the configured one, before
+    it looks at anything else. Nothing is stored by any ingress for an empty request."""
+    try:
+        with deadline(settings.timeout):
+            response = session.post(
+                url,
+                data=b"",
+                headers={"Content-Type": "text/plain"},
+                timeout=settings.timeout,
+                allow_redirects=False,
+                stream=True,
+            )
+            _drain(response)
+            return response.status_code
+    except (requests.RequestException, DeadlinePassed):
+        return None
 
 
 class Backoff:
@@ -216,6 +254,9 @@ def post_with_retry(
     The budget bounds when the last attempt may start; that attempt may take up to --timeout.
     Time spent waiting for the pacer does not count against the budget.
     """
+    refusal = _cannot_carry(settings, prepared)
+    if refusal is not None:
+        return refusal
     clock = clock or Clock()
     backoff = backoff or Backoff()
     started = clock.now()
