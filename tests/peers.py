@@ -211,16 +211,18 @@ class Ingress204(threading.Thread):
 class LocalServe:
     """`mailbox-relay serve`'s server, in a thread, on a free port."""
 
-    def __init__(self, maildir: str, password: str = "pw") -> None:
+    def __init__(self, maildir: str, password: str = "pw", ingress: str = "relay") -> None:
+        from mailbox_relay.ingress.formats import INGRESSES
         from mailbox_relay.maildir import MaildirWriter
         from mailbox_relay.server import make_server
 
         self.lines: List[str] = []
         self.maildir = MaildirWriter(maildir)
-        self.server = make_server("127.0.0.1", 0, password, self.maildir, self.lines.append)
+        chosen = INGRESSES[ingress]
+        self.server = make_server("127.0.0.1", 0, password, self.maildir, self.lines.append, chosen)
         self.port = int(self.server.server_address[1])
         self.base = f"http://127.0.0.1:{self.port}"
-        self.url = self.base + RELAY_PATH
+        self.url = self.base + chosen.path
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
 
     def __enter__(self) -> LocalServe:
