@@ -96,7 +96,16 @@ def crashed(error: Exception) -> Report:
 
 
 def _describe_sources(settings: Settings) -> str:
-    return f"url {settings.url} ({settings.sources.get('url')}); password set ({settings.password_source})"
+    from mailbox_relay.ingress.formats import INGRESSES
+
+    ingress = INGRESSES[settings.ingress]
+    url = f"url {settings.url} ({settings.sources.get('url')})"
+    if ingress.name == "relay":
+        return f"{url}; password set ({settings.password_source})"
+    return (
+        f"{url}; the {ingress.name} ingress; its {ingress.secret} set ({settings.password_source}), "
+        f"to match the app's {ingress.app_secret}"
+    )
 
 
 def _resolve(report: Report, host: str, port: int, step: str = "dns") -> bool:

@@ -167,6 +167,10 @@ def test_check_on_a_404_names_the_ingress_serve_answers_as(tmp_path: Path) -> No
         )
         code, out, _ = invoke(["check"], env=env(serve.base, "mailgun"))
         assert code == 0 and "HTTP 400 to a signed request without body-mime" in out
+        assert (
+            "its signing key set (env MAILBOX_RELAY_PASSWORD), to match the app's MAILGUN_INGRESS_SIGNING_KEY"
+            in out
+        )
         assert serve.maildir.count() == 0
 
 
