@@ -317,7 +317,8 @@ def _other_ingress(session: Any, settings: Settings) -> str:
         )
     return (
         f"no {ingress.name} ingress at {url} (HTTP 404), and no other Action Mailbox ingress answers "
-        f"under {base}: check the URL's host and path, and that the app loads Action Mailbox"
+        f"under {base}: check the URL's host and path, and that the app sets "
+        f"config.action_mailbox.ingress = :{ingress.name}"
     )
 
 
