@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
 
 from ..oauth_provider import OAuthProvider
-from .world import Dovecot, RailsApp, build_app_template, mail_host_install, need, relay_command
+from .world import (
+    Dovecot,
+    Postgres,
+    PostgresRailsApp,
+    RailsApp,
+    build_app_template,
+    build_postgres_template,
+    mail_host_install,
+    need,
+    relay_command,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -75,6 +86,45 @@ def rails_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RailsApp]:
 def rails(rails_app: RailsApp) -> RailsApp:
     rails_app.reset()
     return rails_app
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    need("psql")
+    cluster = Postgres(Path("/tmp") / f"mailbox-relay-e2e-pg-{os.getpid()}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rails_pg_app(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> Iterator[PostgresRailsApp]:
+    """The production-shaped app (PostgreSQL, puma 2 x 5 threads, :async jobs), once per run."""
+    need("rails", "ruby", "bundle")
+    ruby_pg = subprocess.run(["ruby", "-e", "require 'pg'"], capture_output=True)
+    if ruby_pg.returncode != 0:
+        pytest.skip("needs ruby-pg (Debian: apt-get install ruby-pg)")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mailbox-relay-e2e"
+    cache.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("rails-pg") / "app"
+    shutil.copytree(build_postgres_template(cache), root, symlinks=True)
+    app = PostgresRailsApp(root, postgres)
+    app.prepare()
+    app.url = app.serve()
+    yield app
+    app.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def rails_any(request: pytest.FixtureRequest) -> RailsApp:
+    """Each of the two app shapes in turn: the development app on SQLite (inline routing) and the
+    production-shaped one on PostgreSQL. Modules opt in with `rails = rails_any`."""
+    app: RailsApp = request.getfixturevalue("rails_app" if request.param == "sqlite" else "rails_pg_app")
+    app.reset()
+    return app
 
 
 @pytest.fixture

@@ -54,6 +54,12 @@ def _programs() -> None:
     need("getmail", "curl")
 
 
+@pytest.fixture
+def rails(rails_any: RailsApp) -> RailsApp:
+    """Every scenario here runs on both app shapes: SQLite (dev) and PostgreSQL (production)."""
+    return rails_any
+
+
 def test_getmail_delivers_each_message_once_and_deletes_after_delivery(
     tmp_path: Path, dovecot: Dovecot, rails: RailsApp, relay: str, relay_env: Dict[str, str]
 ) -> None:

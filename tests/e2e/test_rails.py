@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Dict, List
 
+import pytest
+
 from ..corpus import message as corpus_message
 from ..corpus import write_maildir, write_mbox
 from ..helpers import RELAY_PATH
@@ -18,6 +20,12 @@ def relay(args: List[str], env: Dict[str, str]) -> subprocess.CompletedProcess[s
     from .world import relay_command
 
     return subprocess.run([relay_command(), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def rails(rails_any: RailsApp) -> RailsApp:
+    """Every scenario here runs on both app shapes: SQLite (dev) and PostgreSQL (production)."""
+    return rails_any
 
 
 def test_import_mbox_and_maildir_every_message_stored_once(

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -305,6 +305,7 @@ class RailsApp:
         log.parent.mkdir(exist_ok=True)
         env = {
             **os.environ,
+            **self.environment(),
             "RAILS_INBOUND_EMAIL_PASSWORD": password or self.password,
             # The same secret for the ingresses that sign instead of using Basic auth.
             "MAILGUN_INGRESS_SIGNING_KEY": password or self.password,
@@ -313,7 +314,17 @@ class RailsApp:
             "E2E_JOBS": jobs,
         }
         process = subprocess.Popen(
-            ["bin/rails", "server", "-b", "127.0.0.1", "-p", str(port), "-P", f"tmp/pids/{port}.pid"],
+            [
+                "bin/rails",
+                "server",
+                *self.server_args,
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-P",
+                f"tmp/pids/{port}.pid",
+            ],
             cwd=self.root,
             env=env,
             stdout=log.open("wb"),
@@ -323,6 +334,12 @@ class RailsApp:
         wait_for_port(port, process, 90, log)
         return f"http://127.0.0.1:{port}"
 
+    server_args: Tuple[str, ...] = ()
+
+    def environment(self) -> Dict[str, str]:
+        """What this app variant needs in its environment (for servers and rake tasks)."""
+        return {}
+
     def stop(self) -> None:
         for process in self.servers:
             process.terminate()
@@ -331,27 +348,27 @@ class RailsApp:
             except subprocess.TimeoutExpired:
                 process.kill()
 
-    def _db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.root / "db" / "development.sqlite3", timeout=30)
+    def query(self, sql: str) -> List[Tuple[str, ...]]:
+        """Rows of a query on the app's database, each value as text."""
+        with sqlite3.connect(self.root / "db" / "development.sqlite3", timeout=30) as db:
+            return [tuple(str(value) for value in row) for row in db.execute(sql).fetchall()]
 
     def stored(self) -> int:
         """Inbound emails stored: what 'delivered' means (routing may fail later on SQLite)."""
-        with self._db() as db:
-            return int(db.execute("SELECT count(*) FROM action_mailbox_inbound_emails").fetchone()[0])
+        return int(self.query("SELECT count(*) FROM action_mailbox_inbound_emails")[0][0])
 
     def stored_message_ids(self) -> List[str]:
-        with self._db() as db:
-            rows = db.execute("SELECT message_id FROM action_mailbox_inbound_emails ORDER BY id")
-            return [str(row[0]) for row in rows]
+        return [
+            row[0] for row in self.query("SELECT message_id FROM action_mailbox_inbound_emails ORDER BY id")
+        ]
 
     def sources(self) -> List[bytes]:
         """The raw bytes of each stored inbound email, as Active Storage keeps them on disk."""
-        with self._db() as db:
-            keys = db.execute(
-                "SELECT b.key FROM action_mailbox_inbound_emails e JOIN active_storage_attachments a "
-                "ON a.record_type = 'ActionMailbox::InboundEmail' AND a.record_id = e.id AND "
-                "a.name = 'raw_email' JOIN active_storage_blobs b ON b.id = a.blob_id ORDER BY e.id"
-            ).fetchall()
+        keys = self.query(
+            "SELECT b.key FROM action_mailbox_inbound_emails e JOIN active_storage_attachments a "
+            "ON a.record_type = 'ActionMailbox::InboundEmail' AND a.record_id = e.id AND "
+            "a.name = 'raw_email' JOIN active_storage_blobs b ON b.id = a.blob_id ORDER BY e.id"
+        )
         return [(self.root / "storage" / key[:2] / key[2:4] / key).read_bytes() for (key,) in keys]
 
     def routed(self, expected: int = 0, seconds: float = 20) -> List[Dict[str, object]]:
@@ -365,9 +382,164 @@ class RailsApp:
             time.sleep(0.1)
 
     def reset(self) -> None:
-        with self._db() as db:
-            db.execute("DELETE FROM action_mailbox_inbound_emails")
+        self.query("DELETE FROM action_mailbox_inbound_emails")
         (self.root / "log" / "routed.jsonl").unlink(missing_ok=True)
+
+
+# --- a production-shaped app: PostgreSQL, puma workers and threads, background jobs -------------
+
+PG_USER = "mrpostgres"  # initdb refuses to run as root
+PG_DATABASE = "mailbox_relay_e2e"
+
+_PG_GEMFILE = "source 'https://rubygems.org'\ngem 'rails', '~> 6.1.7'\ngem 'pg', '~> 1.1'\ngem 'puma'\n"
+
+_PG_DATABASE_YML = """production:
+  adapter: postgresql
+  encoding: unicode
+  host: 127.0.0.1
+  port: <%= ENV.fetch("E2E_PG_PORT") %>
+  username: app
+  database: mailbox_relay_e2e
+  # puma's threads plus the :async job adapter's threads, per worker process
+  pool: <%= ENV.fetch("RAILS_MAX_THREADS", 5).to_i + 10 %>
+"""
+
+_PRODUCTION_EXTRA = """
+Rails.application.configure do
+  config.action_mailbox.ingress = ENV.fetch("E2E_INGRESS", "relay").to_sym
+  config.log_level = :info
+  # Rails' default job adapter (:async, in-process threads) routes and incinerates: nothing inline.
+end
+"""
+
+# config/puma.rb of Rails 6.1 leaves workers commented out: turn them on, as production does.
+_PUMA_WORKERS = """
+workers ENV.fetch("WEB_CONCURRENCY") { 2 }.to_i
+preload_app!
+"""
+
+
+def postgres_bin(program: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{program}"))
+    if not found:
+        pytest.skip("needs PostgreSQL (Debian: apt-get install postgresql ruby-pg)")
+    return str(found[-1])
+
+
+class Postgres:
+    """A private PostgreSQL cluster: initdb into `root` as an unprivileged user, on a free port,
+    reachable on 127.0.0.1 by the role `app` without a password (trust, loopback only)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.data = root / "data"
+
+    def _as_user(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", PG_USER, "--", *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        ensure_user(PG_USER)
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.root, PG_USER, PG_USER)
+        self._as_user(postgres_bin("initdb"), "-D", str(self.data), "-U", "app", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        log = str(self.root / "postgres.log")
+        self._as_user(postgres_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
+
+    def stop(self) -> None:
+        if self.data.exists():
+            self._as_user(postgres_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def query(self, sql: str) -> List[Tuple[str, ...]]:
+        out = subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "app",
+                "-d",
+                PG_DATABASE,
+                "-AtF",
+                "\t",
+                "-c",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        return [tuple(line.split("\t")) for line in out.splitlines() if line]
+
+
+def build_postgres_template(cache: Path) -> Path:
+    """`rails new --database=postgresql` plus Action Mailbox, production-configured; cached.
+    The schema goes into each test session's own cluster (see PostgresRailsApp.prepare)."""
+    template = cache / f"rails-{rails_version()}-pg-t{TEMPLATE_VERSION}"
+    if (template / "app" / "config" / "database.yml").exists():
+        return template / "app"
+    building = Path(tempfile.mkdtemp(dir=cache))
+
+    def run(args: List[str], cwd: Path = building) -> None:
+        subprocess.run(args, cwd=cwd, check=True, capture_output=True, timeout=300)
+
+    run([*_RAILS_NEW[:-1], "--database=postgresql"])
+    app = building / "app"
+    (app / "Gemfile").write_text(_PG_GEMFILE)
+    (app / "Gemfile.lock").unlink(missing_ok=True)
+    run(["ruby", "-rfileutils", "-e", _DEBIAN_GEM_DIRS])
+    run(["bundle", "install", "--local"], cwd=app)
+    run(["bin/rails", "action_mailbox:install"], cwd=app)  # writes the migrations; runs none
+    (app / "config" / "database.yml").write_text(_PG_DATABASE_YML)
+    with (app / "config" / "environments" / "production.rb").open("a") as handle:
+        handle.write(_PRODUCTION_EXTRA)
+    with (app / "config" / "puma.rb").open("a") as handle:
+        handle.write(_PUMA_WORKERS)
+    (app / "app" / "mailboxes" / "application_mailbox.rb").write_text(_APPLICATION_MAILBOX)
+    (app / "app" / "mailboxes" / "recorder_mailbox.rb").write_text(_RECORDER_MAILBOX)
+    shutil.rmtree(template, ignore_errors=True)
+    building.rename(template)
+    return template / "app"
+
+
+class PostgresRailsApp(RailsApp):
+    """The same Action Mailbox app, shaped like production: RAILS_ENV=production on PostgreSQL,
+    puma with 2 worker processes of 5 threads, and Rails' default :async job adapter routing
+    and incinerating in the background."""
+
+    server_args = ("-e", "production")
+
+    def __init__(self, root: Path, database: Postgres, password: str = "e2e-ingress-password") -> None:
+        super().__init__(root, password)
+        self.database = database
+
+    def environment(self) -> Dict[str, str]:
+        return {
+            "RAILS_ENV": "production",
+            "SECRET_KEY_BASE": "e2e" * 32,
+            "E2E_PG_PORT": str(self.database.port),
+            "WEB_CONCURRENCY": "2",
+            "RAILS_MAX_THREADS": "5",
+        }
+
+    def prepare(self) -> None:
+        """Create the database and load the schema into this session's cluster."""
+        env = {**os.environ, **self.environment()}
+        subprocess.run(
+            ["bin/rails", "db:create", "db:migrate"],
+            cwd=self.root,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    def query(self, sql: str) -> List[Tuple[str, ...]]:
+        return self.database.query(sql)
 
 
 # --- the mail-host install and Postfix ----------------------------------------------------------
