@@ -4,6 +4,13 @@ session, through the same `post_with_retry` as `deliver`.
 Processes, not threads: with threads the GIL bound an import to one core (about 1,000 messages
 a second here), and requests' own per-post work is most of the cost. The reader stays in the
 parent; a message travels to a worker as the exact bytes to send.
+
+Workers are forked from a forkserver that has already imported everything a worker needs
+(forkserver_preload.py): each worker then starts in milliseconds instead of paying for a whole
+interpreter and requests' imports, which was most of an everyday import's fixed start-up. The
+forkserver is itself a fresh interpreter (no fork of a process that has threads), it ignores
+the signals the parent handles, and it exits with the parent; workers die with it. Where there
+is no forkserver, workers are spawned.
 """
 
 from __future__ import annotations
@@ -21,7 +28,16 @@ from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Exit, Outcome, Reason
 from mailbox_relay.settings import Settings
 
-_CONTEXT = multiprocessing.get_context("spawn")  # no fork of a process that has threads
+
+def _context() -> Any:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")  # no fork of a process that has threads
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mailbox_relay.forkserver_preload"])
+    return context
+
+
+_CONTEXT = _context()
 
 
 class AdaptiveConcurrency:
@@ -84,31 +100,63 @@ class _Worker:
     session: Any = None
 
 
-def _die_with(parent: int) -> None:
+def _die_with(importer: int) -> None:
     """A worker must never outlive the import (kill -9 of it, a double Ctrl-C): orphans would
-    hold its stdout and stderr open for as long as a post can take. On Linux the kernel kills
-    the worker when its parent dies; elsewhere a thread watches for the parent to go."""
+    hold its stdout and stderr open for as long as a post can take.
+
+    On Linux the kernel kills the worker when its parent dies. A spawned worker's parent is the
+    import itself. A forked one's is the forkserver, which lives as long as any worker holds
+    its pipe, so such a worker also watches the import and exits when it is gone (the
+    forkserver then exits too). Elsewhere a thread watches."""
+    parent = os.getppid()
+    if parent == 1 or not _alive(importer):  # the import is gone already
+        os._exit(Exit.TEMPFAIL)  # nobody reads it: the import it served is gone
+    if _killed_with(parent) and parent == importer:
+        return
+    threading.Thread(target=_watch, args=(importer,), daemon=True).start()
+
+
+def _killed_with(parent: int) -> bool:
+    """PR_SET_PDEATHSIG: SIGKILL when `parent` dies. False where there is no such thing."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, signal.SIGKILL) == 0:  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # it died before the kernel was told
-                os._exit(Exit.TEMPFAIL)  # nobody reads it: the import it served is gone
-            return
+        if libc.prctl(1, signal.SIGKILL) != 0:
+            return False
     except (OSError, AttributeError):
-        pass
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+        return False
+    if os.getppid() != parent:  # it died before the kernel was told
+        os._exit(Exit.TEMPFAIL)
+    return True
 
 
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch(pid: int) -> None:
+    """Exit once `pid` has ended: at once with a pidfd (Linux 5.3, Python 3.9), else within 1 s."""
+    try:
+        import select
+
+        handle = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        while _alive(pid):
+            time.sleep(1)
+    else:
+        select.select([handle], [], [])  # readable when the process has ended
     os._exit(Exit.TEMPFAIL)
 
 
-def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool, parent: int) -> None:
-    _die_with(parent)
+def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool, importer: int) -> None:
+    _die_with(importer)
     # A signal reaches the whole process group (Ctrl-C, systemd's SIGTERM): the parent alone
     # decides, finishing in-flight posts and printing the summary; workers carry on until told.
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
