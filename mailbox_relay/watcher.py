@@ -167,6 +167,7 @@ class FolderWatcher:
 
     def _connected(self, sync: FolderSync, state: FetchState) -> bool:
         """One connection's life. True when it ended after working (reconnect at once)."""
+        self.grant_refused = None  # set again below if this attempt finds the grant refused
         try:
             client = connect(self.account)
         except ImapProblem as problem:
@@ -176,7 +177,6 @@ class FolderWatcher:
             self.watch.give_up(f"{self.where}: {error.outcome.detail}")
             return False
         self.login_failures = 0
-        self.grant_refused = None
         self.session_ends = _monotonic_at(session_replace_at(client))
         self.log(f"{self.where}: connected to {self.account.host}")
         worked = False

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -80,6 +80,15 @@ def rails_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RailsApp]:
     app.url = app.serve()
     yield app
     app.stop()
+
+
+@pytest.fixture
+def watches() -> Iterator[List[Any]]:
+    """`watch` processes a test started (anything with kill()): none outlives its test."""
+    started: List[Any] = []
+    yield started
+    for watch in started:
+        watch.kill()
 
 
 @pytest.fixture

@@ -408,14 +408,6 @@ class Watch:
             self.process.wait(10)
 
 
-@pytest.fixture
-def watches() -> Iterator[List[Watch]]:
-    started: List[Watch] = []
-    yield started
-    for watch in started:
-        watch.kill()
-
-
 def test_watch_delivers_each_arrival_within_seconds_and_stops_cleanly_on_sigterm(
     tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch]
 ) -> None:

@@ -28,14 +28,6 @@ def ingress() -> Iterator[Ingress204]:
         yield server
 
 
-@pytest.fixture
-def watches() -> Iterator[List[Watch]]:
-    started: List[Watch] = []
-    yield started
-    for watch in started:
-        watch.kill()
-
-
 def oauth_box(dovecot: Dovecot, idp: OAuthProvider, tmp: Path, url: str, **keys: Any) -> Account:
     """A Dovecot user whose account logs in with XOAUTH2, its grant already stored (as by auth)."""
     grant = tmp / "grants" / "box.json"

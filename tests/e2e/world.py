@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -211,7 +211,6 @@ _RAILS_NEW = [
     "--skip-turbolinks",
     "--skip-jbuilder",
     "--skip-action-text",
-    "--database=sqlite3",
 ]
 
 _GEMFILE = "source 'https://rubygems.org'\ngem 'rails', '~> 6.1.7'\ngem 'sqlite3', '~> 1.4'\ngem 'puma'\n"
@@ -265,27 +264,44 @@ def rails_version() -> str:
 
 
 def build_app_template(cache: Path) -> Path:
-    """`rails new` plus Action Mailbox, cached per Rails version: later runs only copy it."""
-    template = cache / f"rails-{rails_version()}-t{TEMPLATE_VERSION}"
-    if (template / "app" / "db" / "development.sqlite3").exists():
+    """`rails new` plus Action Mailbox on SQLite (development), cached per Rails version."""
+
+    def finish(app: Path, run: Callable[[List[str]], None]) -> None:
+        run(["bin/rails", "db:migrate"])
+        with (app / "config" / "environments" / "development.rb").open("a") as handle:
+            handle.write(_DEVELOPMENT_EXTRA)
+
+    return _app_template(cache, "", "--database=sqlite3", _GEMFILE, finish)
+
+
+def _app_template(
+    cache: Path,
+    variant: str,
+    database: str,
+    gemfile: str,
+    finish: Callable[[Path, Callable[[List[str]], None]], None],
+) -> Path:
+    """`rails new` with `database`, Action Mailbox and the recorder mailbox, then the variant's
+    own `finish`; built once per Rails version and variant (later runs only copy it)."""
+    template = cache / f"rails-{rails_version()}{variant}-t{TEMPLATE_VERSION}"
+    if (template / "app" / ".mailbox-relay-complete").exists():
         return template / "app"
     building = Path(tempfile.mkdtemp(dir=cache))
 
     def run(args: List[str], cwd: Path = building) -> None:
         subprocess.run(args, cwd=cwd, check=True, capture_output=True, timeout=300)
 
-    run(_RAILS_NEW)
+    run([*_RAILS_NEW, database])
     app = building / "app"
-    (app / "Gemfile").write_text(_GEMFILE)
+    (app / "Gemfile").write_text(gemfile)
     (app / "Gemfile.lock").unlink(missing_ok=True)
     run(["ruby", "-rfileutils", "-e", _DEBIAN_GEM_DIRS])
     run(["bundle", "install", "--local"], cwd=app)
-    run(["bin/rails", "action_mailbox:install"], cwd=app)
-    run(["bin/rails", "db:migrate"], cwd=app)
-    with (app / "config" / "environments" / "development.rb").open("a") as handle:
-        handle.write(_DEVELOPMENT_EXTRA)
+    run(["bin/rails", "action_mailbox:install"], cwd=app)  # copies the migrations
+    finish(app, lambda args: run(args, cwd=app))
     (app / "app" / "mailboxes" / "application_mailbox.rb").write_text(_APPLICATION_MAILBOX)
     (app / "app" / "mailboxes" / "recorder_mailbox.rb").write_text(_RECORDER_MAILBOX)
+    (app / ".mailbox-relay-complete").touch()
     shutil.rmtree(template, ignore_errors=True)
     building.rename(template)
     return template / "app"
@@ -428,7 +444,8 @@ def postgres_bin(program: str) -> str:
 
 class Postgres:
     """A private PostgreSQL cluster: initdb into `root` as an unprivileged user, on a free port,
-    reachable on 127.0.0.1 by the role `app` without a password (trust, loopback only)."""
+    reachable on 127.0.0.1 by the role `app` without a password (trust, loopback only). Every
+    directory above `root` must be one that user may enter (/tmp is)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -436,7 +453,11 @@ class Postgres:
         self.data = root / "data"
 
     def _as_user(self, *args: str) -> None:
-        subprocess.run(["runuser", "-u", PG_USER, "--", *args], check=True, capture_output=True, timeout=120)
+        result = subprocess.run(
+            ["runuser", "-u", PG_USER, "--", *args], capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:  # e.g. a parent directory PG_USER cannot enter
+            raise RuntimeError(f"{args[0]} failed ({result.returncode}): {result.stderr.strip()}")
 
     def start(self) -> None:
         ensure_user(PG_USER)
@@ -477,33 +498,17 @@ class Postgres:
 
 
 def build_postgres_template(cache: Path) -> Path:
-    """`rails new --database=postgresql` plus Action Mailbox, production-configured; cached.
-    The schema goes into each test session's own cluster (see PostgresRailsApp.prepare)."""
-    template = cache / f"rails-{rails_version()}-pg-t{TEMPLATE_VERSION}"
-    if (template / "app" / "config" / "database.yml").exists():
-        return template / "app"
-    building = Path(tempfile.mkdtemp(dir=cache))
+    """The same app, production-configured for PostgreSQL; the schema goes into each session's
+    own cluster (see PostgresRailsApp.prepare)."""
 
-    def run(args: List[str], cwd: Path = building) -> None:
-        subprocess.run(args, cwd=cwd, check=True, capture_output=True, timeout=300)
+    def finish(app: Path, run: Callable[[List[str]], None]) -> None:
+        (app / "config" / "database.yml").write_text(_PG_DATABASE_YML)
+        with (app / "config" / "environments" / "production.rb").open("a") as handle:
+            handle.write(_PRODUCTION_EXTRA)
+        with (app / "config" / "puma.rb").open("a") as handle:
+            handle.write(_PUMA_WORKERS)
 
-    run([*_RAILS_NEW[:-1], "--database=postgresql"])
-    app = building / "app"
-    (app / "Gemfile").write_text(_PG_GEMFILE)
-    (app / "Gemfile.lock").unlink(missing_ok=True)
-    run(["ruby", "-rfileutils", "-e", _DEBIAN_GEM_DIRS])
-    run(["bundle", "install", "--local"], cwd=app)
-    run(["bin/rails", "action_mailbox:install"], cwd=app)  # writes the migrations; runs none
-    (app / "config" / "database.yml").write_text(_PG_DATABASE_YML)
-    with (app / "config" / "environments" / "production.rb").open("a") as handle:
-        handle.write(_PRODUCTION_EXTRA)
-    with (app / "config" / "puma.rb").open("a") as handle:
-        handle.write(_PUMA_WORKERS)
-    (app / "app" / "mailboxes" / "application_mailbox.rb").write_text(_APPLICATION_MAILBOX)
-    (app / "app" / "mailboxes" / "recorder_mailbox.rb").write_text(_RECORDER_MAILBOX)
-    shutil.rmtree(template, ignore_errors=True)
-    building.rename(template)
-    return template / "app"
+    return _app_template(cache, "-pg", "--database=postgresql", _PG_GEMFILE, finish)
 
 
 class PostgresRailsApp(RailsApp):
