@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+from mailbox_relay.endpoint import RELAY_PATH
+
 BASE = "/rails/action_mailbox"
 PROBE_MESSAGE = "mailbox-relay check: not a message, so nothing is stored"
 
@@ -57,7 +59,7 @@ _PASSWORD = "RAILS_INBOUND_EMAIL_PASSWORD or action_mailbox.ingress_password"
 INGRESSES: Dict[str, Ingress] = {
     "relay": Ingress(
         "relay",
-        f"{BASE}/relay/inbound_emails",
+        RELAY_PATH,  # endpoint's, the default of every URL
         "password",
         _PASSWORD,
         True,
