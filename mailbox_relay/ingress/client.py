@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
 
 import requests
 
+from mailbox_relay.ingress import formats
 from mailbox_relay.ingress.answers import classify_error, classify_response, parse_retry_after
 from mailbox_relay.ingress.formats import INGRESSES, RELAY
 from mailbox_relay.log import Log, nowhere
@@ -154,9 +155,7 @@ def post_once(session: requests.Session, settings: Settings, prepared: Prepared)
     if ingress is RELAY:
         body = Body(prepared) if prepared.size >= STREAM_FROM else prepared.to_bytes()
         return _post(session, settings, body, prepared.size)[1]
-    from mailbox_relay.ingress.formats import encode
-
-    data, headers = encode(ingress, prepared.to_bytes(), settings.password, settings.url)
+    data, headers = formats.encode(ingress, prepared.to_bytes(), settings.password, settings.url)
     return _post(session, settings, data, prepared.size, headers)[1]
 
 
@@ -164,9 +163,7 @@ def probe(session: requests.Session, settings: Settings) -> Tuple[Optional[int],
     """For `check`: the ingress's probe (formats.probe), with the right secret. Action Mailbox
     checks configuration (404), then the secret (401), then the request, so the probe's answer
     proves URL, ingress and secret right without creating an inbound email."""
-    from mailbox_relay.ingress.formats import probe as probe_request
-
-    body, headers = probe_request(INGRESSES[settings.ingress], settings.password, settings.url)
+    body, headers = formats.probe(INGRESSES[settings.ingress], settings.password, settings.url)
     return _post(session, settings, body, len(body), headers)
 
 
@@ -174,9 +171,7 @@ def _cannot_carry(settings: Settings, prepared: Prepared) -> Optional[Outcome]:
     ingress = INGRESSES[settings.ingress]
     if ingress.carries_any_bytes:
         return None
-    from mailbox_relay.ingress.formats import cannot_carry
-
-    why = cannot_carry(ingress, prepared.to_bytes())
+    why = formats.cannot_carry(ingress, prepared.to_bytes())
     return None if why is None else Outcome(Reason.NOT_CARRIED, why)
 
 
