@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, load_accounts
+from mailbox_relay.ingress.formats import INGRESSES
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, UsageError, check_exit_code
 from mailbox_relay.settings import Settings, open_layers, settings_from
@@ -96,8 +97,6 @@ def crashed(error: Exception) -> Report:
 
 
 def _describe_sources(settings: Settings) -> str:
-    from mailbox_relay.ingress.formats import INGRESSES
-
     ingress = INGRESSES[settings.ingress]
     url = f"url {settings.url} ({settings.sources.get('url')})"
     if ingress.name == "relay":
@@ -264,7 +263,6 @@ def _handshake(report: Report, connection: socket.socket, host: str, settings: S
 
 def _probe(report: Report, settings: Settings) -> Report:
     from mailbox_relay.ingress.client import make_session, probe
-    from mailbox_relay.ingress.formats import INGRESSES
 
     ingress = INGRESSES[settings.ingress]
     started = time.monotonic()
@@ -296,7 +294,6 @@ def _other_ingress(session: Any, settings: Settings) -> str:
     from urllib.parse import urlsplit
 
     from mailbox_relay.ingress.client import answers_at
-    from mailbox_relay.ingress.formats import INGRESSES
 
     ingress = INGRESSES[settings.ingress]
     url, parts = settings.endpoint.url, urlsplit(settings.endpoint.url)
