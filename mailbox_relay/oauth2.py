@@ -203,7 +203,7 @@ def _why(error: Exception) -> str:
     return getattr(reason, "strerror", None) or type(reason).__name__
 
 
-def refused(status: int, answer: Dict[str, Any], account: Account, url: str) -> TokenProblem:
+def refusal(status: int, answer: Dict[str, Any], account: Account, url: str) -> TokenProblem:
     """The one line for an endpoint's "no", by its RFC 6749 error code."""
     error = str(answer.get("error") or f"HTTP {status}")
     description = "".join(c if c.isprintable() else " " for c in str(answer.get("error_description") or ""))[
@@ -326,7 +326,7 @@ class TokenSource:
         url = self.oauth2.provider.token_url
         status, answer = _post(url, _client_form(self.oauth2, self.account, form))
         if status != 200 or not isinstance(answer.get("access_token"), str):
-            raise refused(status, answer, self.account, url)
+            raise refusal(status, answer, self.account, url)
         token = _granted(answer, self._source())
         # A provider may rotate the refresh token (Microsoft does): the new one replaces the old.
         save_grant(self.oauth2.token_file, _grant_record(grant, answer, token))
@@ -403,7 +403,7 @@ def device_flow(account: Account, say: Callable[[str], None], wait: float) -> Di
         )
     status, answer = _post(url, _client_form(oauth2, account, {"scope": " ".join(oauth2.provider.scopes)}))
     if status != 200 or not isinstance(answer.get("device_code"), str):
-        raise refused(status, answer, account, url)
+        raise refusal(status, answer, account, url)
     page = answer.get("verification_uri") or answer.get("verification_url")
     lifetime = _seconds(answer.get("expires_in"), 900)
     minutes = max(1, round(lifetime / 60))
@@ -436,7 +436,7 @@ def _poll_device(
             raise _denied(account)
         if error in ("expired_token", "code_expired"):
             raise _timed_out(account)
-        raise refused(status, answer, account, url)
+        raise refusal(status, answer, account, url)
 
 
 def _seconds(value: Any, default: float) -> float:
@@ -505,7 +505,7 @@ def loopback_flow(account: Account, say: Callable[[str], None], port: int, wait:
     url = oauth2.provider.token_url
     status, answer = _post(url, _client_form(oauth2, account, form))
     if status != 200 or not isinstance(answer.get("access_token"), str):
-        raise refused(status, answer, account, url)
+        raise refusal(status, answer, account, url)
     return answer
 
 
