@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.ingress.formats import INGRESSES
@@ -76,7 +76,8 @@ def run_check(
         log(line)  # -v: every setting and where it came from
     report.url = settings.url
     report.passed("settings", _describe_sources(settings))
-    if not all(_check_account(report, account) for account in chosen):
+    synced = _synced_folders(layers, environ) if chosen else frozenset()
+    if not all(_check_account(report, account, synced) for account in chosen):
         return report
     endpoint = settings.endpoint
     if not _resolve(report, endpoint.host, endpoint.port):
@@ -135,10 +136,30 @@ def _connect(
 # --- IMAP accounts (check --account) ------------------------------------------------------------
 
 # What each IMAP (or OAuth2 token) problem means for check's exit code.
-_IMAP_CODES = {"login": Exit.NOPERM, "grant": Exit.NOPERM, "client": Exit.CONFIG, "folder": Exit.CONFIG}
+# Anything else (network, unavailable, protocol...) may pass by itself: Exit.UNAVAILABLE.
+_IMAP_CODES = {
+    "login": Exit.NOPERM,
+    "grant": Exit.NOPERM,
+    "client": Exit.CONFIG,
+    "folder": Exit.CONFIG,
+    "tls": Exit.CONFIG,  # at login: the server requires TLS (RFC 5530 PRIVACYREQUIRED): set tls
+}
 
 
-def _check_account(report: Report, account: Account) -> bool:
+Synced = FrozenSet[Tuple[str, str]]  # (account, folder) pairs the fetch state already knows
+
+
+def _synced_folders(layers: Any, environ: Mapping[str, str]) -> Synced:
+    """The (account, folder) pairs fetch or watch have synced, read without creating anything."""
+    from mailbox_relay.fetchstate import default_path, synced_folders
+    from mailbox_relay.settings import FetchSettings
+
+    return synced_folders(FetchSettings.resolve(layers).fetch_state or default_path(environ))
+
+
+def _check_account(
+    report: Report, account: Account, synced: FrozenSet[Tuple[str, str]] = frozenset()
+) -> bool:
     """DNS, TCP, TLS, login, capabilities, then each folder EXAMINEd: read-only, changes nothing."""
     from mailbox_relay.imap import ImapProblem, capabilities, close, login, open_connection
 
@@ -168,9 +189,10 @@ def _check_account(report: Report, account: Account) -> bool:
             f"{name} {'yes' if name in found else 'no'}" for name in ("IDLE", "MOVE", "UIDPLUS")
         )
         report.passed("capabilities", wanted)
-        return all(_examine(report, client, name) for name in account.folders) and _move_target(
-            report, client, account
-        )
+        first = {name for name in account.folders if (account.name, name) not in synced}
+        return all(
+            _examine(report, client, account, name, name in first) for name in account.folders
+        ) and _move_target(report, client, account)
     except ImapProblem as problem:
         report.failed(f"imap {problem.kind}", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
         return False
@@ -216,16 +238,46 @@ def _move_target(report: Report, client: Any, account: Account) -> bool:
     return False
 
 
-def _examine(report: Report, client: Any, name: str) -> bool:
+def _examine(report: Report, client: Any, account: Account, name: str, first: bool = False) -> bool:
+    """EXAMINE: a refusal (NO, BAD) is this folder's problem (78); a connection lost or too
+    slow meanwhile is the network's (69), as at login."""
+    from imapclient.exceptions import IMAPClientError
+
+    from mailbox_relay.imap import ImapProblem, folder_refused
+
+    step = f"folder {name}"
     try:
-        info = client.select_folder(name, readonly=True)
-    except Exception as error:  # IMAPClientError: no such folder, no permission
-        text = str(error)
-        report.failed(f"folder {name}", f"cannot be opened: {text}; check folders", Exit.CONFIG)
+        try:
+            info = client.select_folder(name, readonly=True)
+        except IMAPClientError as error:  # the server said no (a lost connection is an ImapProblem)
+            missing, why = folder_refused(client, account, name, error)
+            detail = why if missing else f"cannot be opened: {why}"
+            report.failed(step, f"{detail}; check folders", Exit.CONFIG)
+            return False
+    except ImapProblem as problem:
+        report.failed(step, problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
         return False
     count, validity = int(info.get(b"EXISTS", 0)), int(info.get(b"UIDVALIDITY", 0))
-    report.passed(f"folder {name}", f"{count} messages (UIDVALIDITY {validity})")
+    left = _left_alone(client, account, count) if first and count else 0
+    note = f"; the first fetch or watch: {_left_alone_line(left, account.start)}" if left else ""
+    report.passed(step, f"{count} messages (UIDVALIDITY {validity}){note}")
     return True
+
+
+def _left_alone_line(count: int, start: str) -> str:
+    from mailbox_relay.fetcher import left_alone_line
+
+    return left_alone_line(count, start)
+
+
+def _left_alone(client: Any, account: Account, count: int) -> int:
+    """What the first pass will not deliver: everything there (start = new), or what is older
+    than the start date (SEARCH, read-only)."""
+    if account.start == "all":
+        return 0
+    if account.start_date is None:
+        return count
+    return max(0, count - len(client.search(["SINCE", account.start_date])))
 
 
 def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import imaplib
 import logging
+import re
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, After
 from mailbox_relay.outcome import ConfigError
@@ -33,7 +35,9 @@ class ImapProblem(Exception):
 
     def __init__(self, kind: str, line: str) -> None:
         super().__init__(line)
-        self.kind = kind  # dns | connect | tls | login | grant | folder | after | protocol | network
+        # dns | connect | tls | login | unavailable (the server refused the login for now) |
+        # grant | folder | after | protocol | network (lost or too slow: reconnect)
+        self.kind = kind
         self.line = line
 
 
@@ -44,10 +48,64 @@ class FolderInfo:
     exists: int
 
 
-def _client_class() -> Any:
-    from imapclient import IMAPClient
+# --- the connection ---------------------------------------------------------------------------
 
-    return IMAPClient
+
+def _open_socket(host: str, port: int, timeout: Optional[float]) -> socket.socket:
+    """TCP to the server, registered with the current deadline (the greeting and a TLS
+    handshake are read before IMAPClient returns, so the socket is watched from its birth)."""
+    from mailbox_relay import deadline
+
+    guard = deadline.current()
+    if guard is not None:
+        timeout = max(0.05, min(timeout or guard.seconds, guard.left()))
+    sock = socket.create_connection((host, port), timeout)
+    deadline.watch(sock)
+    return sock
+
+
+class _Imap4(imaplib.IMAP4):
+    def __init__(self, host: str, port: int, timeout: Optional[float]) -> None:
+        self._connect_timeout = timeout
+        super().__init__(host, port)
+
+    def _create_socket(self, timeout: Optional[float] = None) -> socket.socket:
+        return _open_socket(self.host, self.port, self._connect_timeout)
+
+
+class _Imap4Tls(imaplib.IMAP4):
+    """Implicit TLS (port 993)."""
+
+    def __init__(
+        self, host: str, port: int, context: Optional[ssl.SSLContext], timeout: Optional[float]
+    ) -> None:
+        self._connect_timeout = timeout
+        self._context = context or ssl.create_default_context()
+        super().__init__(host, port)
+
+    def _create_socket(self, timeout: Optional[float] = None) -> socket.socket:
+        sock = _open_socket(self.host, self.port, self._connect_timeout)
+        return self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+_client: Any = None
+
+
+def _client_class() -> Any:
+    """IMAPClient, connecting through the two classes above (imported here only, on first use)."""
+    global _client
+    if _client is None:
+        from imapclient import IMAPClient
+
+        class Client(IMAPClient):  # type: ignore[misc]  # IMAPClient has no type information
+            def _create_IMAP4(self) -> imaplib.IMAP4:
+                timeout = getattr(self._timeout, "connect", None)
+                if self.ssl:
+                    return _Imap4Tls(self.host, self.port, self.ssl_context, timeout)
+                return _Imap4(self.host, self.port, timeout)
+
+        _client = Client
+    return _client
 
 
 def tls_context(account: Account) -> ssl.SSLContext:
@@ -57,19 +115,24 @@ def tls_context(account: Account) -> ssl.SSLContext:
         raise ConfigError(f"ca_bundle of account {account.name} cannot be used: {error}") from None
 
 
-def open_connection(account: Account) -> Any:
-    """Connected (and TLS-protected, unless tls = none to loopback), not yet logged in."""
+def open_connection(account: Account) -> Connection:
+    """Connected (and TLS-protected, unless tls = none to loopback), not yet logged in. The
+    connection and greeting, and STARTTLS, are each bounded as a whole by `timeout`."""
     where = f"{account.host}:{account.port}"
     try:
-        client = _client_class()(
-            account.host,
-            account.port,
-            ssl=account.tls == "implicit",
-            ssl_context=tls_context(account) if account.tls != "none" else None,
-            timeout=account.timeout,
-        )
+        with _bounded(account, "the greeting"):
+            client = _client_class()(
+                account.host,
+                account.port,
+                ssl=account.tls == "implicit",
+                ssl_context=tls_context(account) if account.tls != "none" else None,
+                timeout=account.timeout,
+            )
+        connection = Connection(client, account)
         if account.tls == "starttls":
-            client.starttls(tls_context(account))
+            connection.starttls(tls_context(account))
+    except (ImapProblem, ConfigError):
+        raise
     except socket.gaierror as error:
         raise ImapProblem("dns", f"cannot resolve {account.host}: {error.strerror}") from None
     except ssl.SSLError as error:
@@ -84,8 +147,8 @@ def open_connection(account: Account) -> Any:
         ) from None
     except Exception as error:  # IMAPClient's own errors: no IMAP greeting, STARTTLS refused
         raise ImapProblem("protocol", f"{where} does not speak IMAP as expected: {error}") from None
-    _keepalive(client.socket())
-    return client
+    _keepalive(connection.socket())
+    return connection
 
 
 def _ssl_reason(error: ssl.SSLError) -> str:
@@ -109,11 +172,157 @@ def _keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+@contextlib.contextmanager
+def _bounded(account: Account, command: str, seconds: Optional[float] = None) -> Iterator[None]:
+    """The block bounded as a whole (`timeout` of the account, or `seconds`); past it, the
+    connection is shut down and the block ends in ImapProblem("network"), whatever it raised."""
+    from mailbox_relay import deadline
+
+    limit = account.timeout if seconds is None else seconds
+    with deadline.bounded(limit, command) as guard:
+        try:
+            yield
+        except BaseException:
+            if guard.expired:
+                raise _cut(account, command, guard) from None
+            raise
+    if guard.expired:
+        raise _cut(account, command, guard)
+
+
+def _cut(account: Account, command: str, guard: Any) -> ImapProblem:
+    if guard.reason not in (None, "deadline"):  # deadline.cancel_all: the watch is stopping
+        return ImapProblem("network", f"{account.host}: {command} cut off ({guard.reason})")
+    return ImapProblem(
+        "network",
+        f"{account.host}: no answer to {command} within {guard.seconds:g}s "
+        "(the server is too slow or the connection hangs); trying again later",
+    )
+
+
+# What IMAPClient's methods send, for the lines that name a command.
+_COMMANDS = {
+    "login": "LOGIN",
+    "plain_login": "AUTHENTICATE PLAIN",
+    "oauth2_login": "AUTHENTICATE XOAUTH2",
+    "capabilities": "CAPABILITY",
+    "has_capability": "CAPABILITY",
+    "starttls": "STARTTLS",
+    "search": "UID SEARCH",
+    "fetch": "UID FETCH",
+    "add_flags": "UID STORE",
+    "remove_flags": "UID STORE",
+    "set_flags": "UID STORE",
+    "move": "UID MOVE",
+    "copy": "UID COPY",
+    "uid_expunge": "UID EXPUNGE",
+    "noop": "NOOP",
+    "idle": "IDLE",
+    "idle_check": "IDLE",
+    "idle_done": "DONE",
+    "folder_exists": "LIST",
+    "list_folders": "LIST",
+    "logout": "LOGOUT",
+    "id_": "ID",
+}
+_LOCAL = frozenset({"socket", "shutdown"})  # no round trip: never bounded
+_LOGIN_COMMANDS = ("LOGIN", "AUTHENTICATE")
+
+
+def _command(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    if name == "select_folder":
+        readonly = kwargs.get("readonly", args[1] if len(args) > 1 else False)
+        return "EXAMINE" if readonly else "SELECT"
+    if name == "sasl_login":
+        return f"AUTHENTICATE {args[0] if args else ''}".strip()
+    return _COMMANDS.get(name, name.upper())
+
+
+class Connection:
+    """An IMAPClient whose every command is bounded as a whole by the account's `timeout` (a
+    server that trickles its answer is cut off, not waited for), and whose lost connection is
+    an ImapProblem("network") naming the command. Once lost, every later command raises that
+    same problem at once. Anything else is IMAPClient's own."""
+
+    def __init__(self, client: Any, account: Account) -> None:
+        self.client = client
+        self.account = account
+        self.lost: Optional[ImapProblem] = None
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.client, name)
+        if name.startswith("_") or name in _LOCAL or not callable(attribute):
+            return attribute
+        return functools.partial(self._run, name, attribute)
+
+    def _run(self, name: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.lost is not None:
+            raise ImapProblem(self.lost.kind, self.lost.line)
+        command = _command(name, args, kwargs)
+        seconds = self.account.timeout
+        if name == "idle_check":
+            seconds += float(kwargs.get("timeout", args[0] if args else 0) or 0)
+        from mailbox_relay import deadline
+
+        try:
+            with _bounded(self.account, command, seconds):
+                deadline.watch(self._socket())
+                return method(*args, **kwargs)
+        except ImapProblem as problem:
+            self.lost = problem
+            raise
+        except BaseException as error:
+            if _is_lost(error) and not (command == "STARTTLS" and isinstance(error, ssl.SSLError)):
+                self.lost = _lost(self.account, command, error)
+                raise self.lost from None
+            raise
+
+    def _socket(self) -> Optional[socket.socket]:
+        try:
+            return self.client.socket()  # type: ignore[no-any-return]
+        except Exception:  # already closed
+            return None
+
+    def socket(self) -> socket.socket:
+        return self.client.socket()  # type: ignore[no-any-return]
+
+    def shutdown(self) -> None:
+        self.client.shutdown()
+
+
+def _is_lost(error: BaseException) -> bool:
+    """The connection broke (reset, closed, timed out), as opposed to the server saying no.
+    IMAPClient turns a broken connection at login into LoginError; its context tells."""
+    if isinstance(error, (OSError, EOFError, imaplib.IMAP4.abort)):
+        return True
+    return type(error).__name__ == "LoginError" and isinstance(
+        error.__context__, (imaplib.IMAP4.abort, OSError, EOFError)
+    )
+
+
+def _lost(account: Account, command: str, error: BaseException) -> ImapProblem:
+    why = describe(error.__context__ if type(error).__name__ == "LoginError" and error.__context__ else error)
+    if command.startswith(_LOGIN_COMMANDS):
+        return ImapProblem("network", f"connection to {account.host} lost at login: {why}")
+    return ImapProblem("network", f"connection to {account.host} lost during {command}: {why}")
+
+
+# --- login ------------------------------------------------------------------------------------
+
+TEMPORARY_CODES = ("UNAVAILABLE", "INUSE", "LIMIT")  # RFC 5530: try again later
+
+
+def response_code(text: str) -> Optional[str]:
+    """The RFC 5530 response code of a server's answer ("[UNAVAILABLE] ..." -> "UNAVAILABLE")."""
+    found = re.match(r"\s*\[([A-Za-z][A-Za-z0-9.-]*)[^\]]*\]", text)
+    return found.group(1).upper() if found else None
+
+
 def login(client: Any, account: Account) -> None:
     if account.oauth2 is not None:
         _xoauth2_login(client, account)
         return
-    from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
+    from imapclient.exceptions import IMAPClientError, LoginError
 
     password = account.password()
     try:
@@ -122,26 +331,46 @@ def login(client: Any, account: Account) -> None:
         else:  # LOGIN's quoted strings are ASCII; AUTHENTICATE PLAIN carries UTF-8 (RFC 4616)
             client.plain_login(account.username, password)
     except LoginError as error:
-        if isinstance(error.__context__, (imaplib.IMAP4.abort, OSError)):  # IMAPClient wraps those
-            raise _lost_at_login(account, error) from None
+        if _is_lost(error):  # a client that is not a Connection (there, it is an ImapProblem)
+            raise _lost(account, "LOGIN", error) from None
+        said = describe(error)
+        _temporary(account, said)
         raise ImapProblem(
             "login",
-            f"IMAP login of {account.username} at {account.host} was rejected ({describe(error)}): "
-            f"check the password of account {account.name}",
+            f"IMAP login of {account.username} at {account.host} was rejected ({said}): "
+            + (
+                f"the password of account {account.name} has expired; set a new one"
+                if response_code(said) == "EXPIRED"
+                else f"check the password of account {account.name}"
+            ),
         ) from None
-    except (OSError, EOFError, IMAPClientAbortError) as error:
-        raise _lost_at_login(account, error) from None
-    except IMAPClientError as error:  # e.g. AUTHENTICATE PLAIN not offered
+    except (OSError, EOFError, IMAPClientError) as error:
+        if _is_lost(error):
+            raise _lost(account, "LOGIN", error) from None
+        # e.g. AUTHENTICATE PLAIN not offered
         raise ImapProblem("protocol", f"{account.host} refused the login: {describe(error)}") from None
 
 
-def _lost_at_login(account: Account, error: BaseException) -> ImapProblem:
-    return ImapProblem("network", f"connection to {account.host} lost at login: {describe(error)}")
+def _temporary(account: Account, said: str) -> None:
+    """Raise for a refusal that is no verdict on the credentials (RFC 5530)."""
+    code = response_code(said)
+    if code in TEMPORARY_CODES:
+        raise ImapProblem(
+            "unavailable", f"{account.host} refused the login for now ({said}); trying again later"
+        )
+    if code == "PRIVACYREQUIRED":
+        raise ImapProblem(
+            "tls",
+            f"{account.host} requires TLS before login ({said}): "
+            f'set tls = "starttls" (or "implicit") in account {account.name}',
+        )
 
 
 def _xoauth2_login(client: Any, account: Account) -> None:
     """AUTHENTICATE XOAUTH2 with a fresh token; if refused, one new token and one more try (the
-    token in hand may have been revoked, or expired early). Tokens never reach a message."""
+    token in hand may have been revoked, or expired early). A refusal that says "not now"
+    (RFC 5530 UNAVAILABLE, INUSE, LIMIT) is no verdict on the token: no renewal. Tokens never
+    reach a message."""
     from mailbox_relay.oauth2 import token_source
 
     if not client.has_capability("AUTH=XOAUTH2"):
@@ -152,17 +381,49 @@ def _xoauth2_login(client: Any, account: Account) -> None:
         )
     source = token_source(account)
     token = _token(source.current)
-    if not _xoauth2(client, account, token.access):
+    said = _xoauth2(client, account, token.access)
+    if said is not None:
+        _temporary(account, said)
         refused = token
         token = _token(lambda: source.renew(refused))
-        if not _xoauth2(client, account, token.access):
-            raise ImapProblem(
-                "login",
-                f"AUTHENTICATE XOAUTH2 of {account.username} at {account.host} was refused even with a new "
-                f"token: username of account {account.name} must be the mailbox the grant is for "
-                f"(else run `mailbox-relay auth {account.name}` again)",
-            )
+        said = _xoauth2(client, account, token.access)
+        if said is not None:
+            _temporary(account, said)
+            raise _token_refused(account, token, said)
     client.mailbox_relay_replace_at = token.replace_session_at()
+
+
+def _token_refused(account: Account, token: Any, said: str) -> ImapProblem:
+    """The server refused a new token too: say whose fault that most likely is."""
+    assert account.oauth2 is not None
+    name, command = account.name, account.oauth2.token_command is not None
+    refused = (
+        f"AUTHENTICATE XOAUTH2 of {account.username} at {account.host} was refused even with a new "
+        f"token ({said})"
+    )
+    if getattr(token, "expired_when_issued", False):  # not the username: the issuer, or our clock
+        issuer = "oauth2_token_command printed" if command else f"the OAuth2 endpoint {token.source} issued"
+        return ImapProblem(
+            "network",
+            f"{refused}: {issuer} a token that had already expired: check this host's clock"
+            f"{', or the command' if command else ''}; trying again later",
+        )
+    if response_code(said) == "EXPIRED":
+        fix = (
+            "check what oauth2_token_command prints" if command else f"run `mailbox-relay auth {name}` again"
+        )
+        return ImapProblem("login", f"{refused}: the token or grant has expired: {fix}")
+    if command:
+        return ImapProblem(
+            "login",
+            f"{refused}: check what oauth2_token_command of account {name} prints (a current access "
+            f"token for the mailbox {account.username})",
+        )
+    return ImapProblem(
+        "login",
+        f"{refused}: username of account {name} must be the mailbox the grant is for "
+        f"(else run `mailbox-relay auth {name}` again)",
+    )
 
 
 def _token(obtain: Callable[[], Any]) -> Any:
@@ -176,19 +437,19 @@ def _token(obtain: Callable[[], Any]) -> Any:
         raise ImapProblem(kind, problem.line) from None
 
 
-def _xoauth2(client: Any, account: Account, access: str) -> bool:
-    """True when the server took the token; False when it refused it."""
+def _xoauth2(client: Any, account: Account, access: str) -> Optional[str]:
+    """None when the server took the token; the server's words when it refused it."""
     from imapclient.exceptions import LoginError
 
     try:
         client.sasl_login("XOAUTH2", _Xoauth2(account.username, access))
     except LoginError as error:
-        if isinstance(error.__context__, (imaplib.IMAP4.abort, OSError)):
-            raise _lost_at_login(account, error) from None
-        return False
+        if _is_lost(error):
+            raise _lost(account, "AUTHENTICATE", error) from None
+        return describe(error)
     except (OSError, EOFError) as error:
-        raise _lost_at_login(account, error) from None
-    return True
+        raise _lost(account, "AUTHENTICATE", error) from None
+    return None
 
 
 class _Xoauth2:
@@ -213,7 +474,7 @@ def session_replace_at(client: Any) -> Optional[float]:
     return float(value) if value is not None else None
 
 
-def connect(account: Account) -> Any:
+def connect(account: Account) -> Connection:
     client = open_connection(account)
     try:
         login(client, account)
@@ -224,7 +485,7 @@ def connect(account: Account) -> Any:
 
 
 def close(client: Any) -> None:
-    """LOGOUT if the connection still works; never raises."""
+    """LOGOUT (bounded) if the connection still works; never raises."""
     try:
         client.logout()
     except Exception:
@@ -232,16 +493,49 @@ def close(client: Any) -> None:
             client.shutdown()
 
 
+# Dovecot ends each tagged answer with its timing: "... (0.001 + 0.000 secs)."
+_TIMING = re.compile(r"\s*\(\d+\.\d+(?: \+ \d+\.\d+)* secs\)\.?$")
+
+
 def describe(error: BaseException) -> str:
-    """One error as words: "timed out", the OS's reason, or the server's text (without b'')."""
+    """One error as words: "timed out", the OS's reason, or the server's text (without b''
+    and without Dovecot's timing)."""
     if isinstance(error, socket.timeout):
         return "timed out"
     text = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return text[2:-1] if text.startswith("b'") else text
+    text = text[2:-1] if text.startswith(("b'", 'b"')) else text
+    return _TIMING.sub("", text)
+
+
+def server_said(error: BaseException) -> str:
+    """The server's own words of a refused command (IMAPClient prefixes "select failed: ")."""
+    return re.sub(r"^[a-z_ ]+ failed: ", "", describe(error))
 
 
 def capabilities(client: Any) -> List[str]:
     return sorted(c.decode("ascii", "replace") for c in client.capabilities())
+
+
+def folder_names(client: Any) -> List[str]:
+    """The account's folders (LIST), for a line that says which exist."""
+    return sorted(str(entry[2]) for entry in client.list_folders())
+
+
+def folder_refused(client: Any, account: Account, name: str, error: BaseException) -> Tuple[bool, str]:
+    """Why the server refused SELECT/EXAMINE of `name`: (True, the folders that do exist) when
+    there is no such folder; else (False, the server's words). A connection lost meanwhile
+    raises ImapProblem."""
+    said = server_said(error)
+    try:
+        names = folder_names(client)
+    except ImapProblem:
+        raise
+    except Exception:  # a refused LIST: the server's words will do
+        return False, said
+    if name in names:
+        return False, said
+    listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return True, f"there is no folder {name!r} in account {account.name}; it has: {listed or 'no folders'}"
 
 
 class ImapFolder:
@@ -257,12 +551,12 @@ class ImapFolder:
         """SELECT (EXAMINE when nothing will be changed, so even flags stay as they are)."""
         from imapclient.exceptions import IMAPClientError
 
-        try:
+        try:  # a lost or too slow connection is an ImapProblem("network") of the Connection
             info = self.client.select_folder(name, readonly=self.account.after.action == "keep")
-        except IMAPClientError as error:
+        except IMAPClientError as error:  # NO or BAD: this folder
+            why = folder_refused(self.client, self.account, name, error)[1]
             raise ImapProblem(
-                "folder",
-                f"folder {name!r} of account {self.account.name} cannot be opened: {describe(error)}",
+                "folder", f"folder {name!r} of account {self.account.name} cannot be opened: {why}"
             ) from None
         self.name = name
         self._check_move_target()

@@ -21,16 +21,18 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Tuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from mailbox_relay.accounts import Account, OAuth2, run_secret_command
 from mailbox_relay.outcome import ConfigError
 from mailbox_relay.settings import PasswordFileWarning
 
+if TYPE_CHECKING:
+    import requests
+
 FRESH_FOR = 120.0  # an access token with less life left than this is refreshed before use
 DEFAULT_LIFE = 3600.0  # when the provider does not say (expires_in), and for a token command's
-HTTP_TIMEOUT = 30.0
 MIN_SESSION = 2.0  # seconds a connection lives at least, whatever the token's lifetime
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
@@ -54,6 +56,9 @@ class Token:
     expires_at: float
     scopes: str  # as granted, when the provider says; else ""
     source: str  # where it came from, for check
+    # The issuer said it had run out already (expires_in <= 0, an expires_at or a JWT's exp in
+    # the past): if the server refuses it, that is the issuer's (or this host's clock's) doing.
+    expired_when_issued: bool = False
 
     def replace_session_at(self) -> float:
         """When a connection that logged in with it should be replaced by one with a new token
@@ -166,34 +171,96 @@ def _stored_token(grant: Dict[str, Any], source: str) -> Optional[Token]:
 def _granted(answer: Dict[str, Any], source: str) -> Token:
     now = time.time()
     life = _seconds(answer.get("expires_in"), DEFAULT_LIFE)
-    return Token(str(answer["access_token"]), now, now + life, str(answer.get("scope") or ""), source)
+    return Token(
+        str(answer["access_token"]),
+        now,
+        now + life,
+        str(answer.get("scope") or ""),
+        source,
+        _expired_when_issued(answer, now),
+    )
+
+
+def _expired_when_issued(answer: Dict[str, Any], now: float) -> bool:
+    """True when the answer itself says the token has run out (it is still tried: the IMAP
+    server's clock decides, and a nonsense lifetime counts as DEFAULT_LIFE)."""
+    expires_in, expires_at = answer.get("expires_in"), answer.get("expires_at")
+    with contextlib.suppress(TypeError, ValueError):
+        if expires_in is not None and float(expires_in) <= 0:
+            return True
+    with contextlib.suppress(TypeError, ValueError):
+        if expires_at is not None and float(expires_at) <= now:
+            return True
+    return False
+
+
+def _jwt_expiry(access: str) -> Optional[float]:
+    """The `exp` of an access token that is a JWT (Microsoft's are), else None. Not verified:
+    only to know when it runs out."""
+    parts = access.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        expiry = float(claims["exp"])
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    return expiry if 0 < expiry < 10**11 else None
 
 
 # --- the token endpoint -----------------------------------------------------------------------
 
 
-def _post(url: str, form: Dict[str, str]) -> Tuple[int, Dict[str, Any]]:
-    """POST a form; the status and the JSON answer ({} when it is not JSON). Never follows a
-    redirect: a grant must not be handed to whoever the endpoint points at."""
+def _session(url: str) -> requests.Session:
+    """The only way OAuth2 gets an HTTP session: our User-Agent, JSON answers, proxies and CA
+    bundle from the environment read once, but never ~/.netrc (trust_env off), and its
+    connections bounded by the thread's deadline (mailbox_relay.deadline) in any thread."""
     import requests
 
-    try:
-        response = requests.post(
-            url,
-            data=form,
-            timeout=HTTP_TIMEOUT,
-            allow_redirects=False,
-            headers={"Accept": "application/json"},
-        )
-    except requests.RequestException as error:
-        raise TokenProblem(
-            "network", f"cannot reach the OAuth2 endpoint {url}: {_why(error)}; trying again later"
-        ) from None
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {}
-    return response.status_code, answer if isinstance(answer, dict) else {}
+    from mailbox_relay import __version__
+    from mailbox_relay.deadline import guarded
+
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    session.headers["User-Agent"] = f"mailbox-relay/{__version__}"
+    session.headers["Accept"] = "application/json"
+    return guarded(session)
+
+
+def _post(url: str, form: Dict[str, str], timeout: float) -> Tuple[int, Dict[str, Any]]:
+    """POST a form; the status and the JSON answer ({} when it is not JSON). `timeout` bounds
+    the whole request (a trickled answer too), in any thread. Never follows a redirect: a grant
+    must not be handed to whoever the endpoint points at (per request: a session's
+    max_redirects = 0 would raise before the Location could be read)."""
+    import requests
+
+    from mailbox_relay.deadline import bounded
+
+    with _session(url) as session, bounded(timeout, "token request") as guard:
+        try:
+            response = session.post(url, data=form, timeout=timeout, allow_redirects=False)
+            status = response.status_code
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = {}
+        except requests.RequestException as error:
+            if guard.expired:
+                raise _too_slow(url, timeout) from None
+            raise TokenProblem(
+                "network", f"cannot reach the OAuth2 endpoint {url}: {_why(error)}; trying again later"
+            ) from None
+    if guard.expired:  # it answered, but the connection was cut meanwhile: the answer may be partial
+        raise _too_slow(url, timeout)
+    return status, answer if isinstance(answer, dict) else {}
+
+
+def _too_slow(url: str, timeout: float) -> TokenProblem:
+    return TokenProblem(
+        "network", f"the OAuth2 endpoint {url} did not answer within {timeout:g}s; trying again later"
+    )
 
 
 def _why(error: Exception) -> str:
@@ -297,8 +364,11 @@ class TokenSource:
             access = run_secret_command(command, "oauth2_token_command", self.account.name)
         except ConfigError as error:  # its own refresh may have met a network problem: try later
             raise TokenProblem("network", error.outcome.detail) from None
-        now = time.time()  # the command does not say; both providers' tokens live an hour or more
-        return Token(access, now, now + DEFAULT_LIFE, "", "oauth2_token_command")
+        now = time.time()  # the command does not say; a JWT does (and both providers' live an hour)
+        expiry = _jwt_expiry(access)
+        if expiry is not None and expiry > now:
+            return Token(access, now, expiry, "", "oauth2_token_command")
+        return Token(access, now, now + DEFAULT_LIFE, "", "oauth2_token_command", expiry is not None)
 
     def _from_grant(self, refused: Optional[Token], force: bool) -> Token:
         """Under the lock: what another process stored meanwhile is used before a refresh."""
@@ -324,7 +394,7 @@ class TokenSource:
         if self.oauth2.provider.scopes:
             form["scope"] = " ".join(self.oauth2.provider.scopes)
         url = self.oauth2.provider.token_url
-        status, answer = _post(url, _client_form(self.oauth2, self.account, form))
+        status, answer = _post(url, _client_form(self.oauth2, self.account, form), self.account.timeout)
         if status != 200 or not isinstance(answer.get("access_token"), str):
             raise refusal(status, answer, self.account, url)
         token = _granted(answer, self._source())
@@ -401,7 +471,8 @@ def device_flow(account: Account, say: Callable[[str], None], wait: float) -> Di
             f"account {account.name} has no device-code endpoint: "
             "use --flow loopback, or set oauth2_device_url",
         )
-    status, answer = _post(url, _client_form(oauth2, account, {"scope": " ".join(oauth2.provider.scopes)}))
+    scope = {"scope": " ".join(oauth2.provider.scopes)}
+    status, answer = _post(url, _client_form(oauth2, account, scope), account.timeout)
     if status != 200 or not isinstance(answer.get("device_code"), str):
         raise refusal(status, answer, account, url)
     page = answer.get("verification_uri") or answer.get("verification_url")
@@ -423,7 +494,7 @@ def _poll_device(
         time.sleep(interval)
         if time.monotonic() > deadline:
             raise _timed_out(account)
-        status, answer = _post(url, form)
+        status, answer = _post(url, form, account.timeout)
         error = answer.get("error")
         if status == 200 and isinstance(answer.get("access_token"), str):
             return answer
@@ -503,7 +574,7 @@ def loopback_flow(account: Account, say: Callable[[str], None], port: int, wait:
         "code_verifier": verifier,
     }
     url = oauth2.provider.token_url
-    status, answer = _post(url, _client_form(oauth2, account, form))
+    status, answer = _post(url, _client_form(oauth2, account, form), account.timeout)
     if status != 200 or not isinstance(answer.get("access_token"), str):
         raise refusal(status, answer, account, url)
     return answer

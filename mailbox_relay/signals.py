@@ -6,7 +6,10 @@ from __future__ import annotations
 import _signal as signal  # type: ignore[import-not-found]
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, Optional
+
+if TYPE_CHECKING:
+    from mailbox_relay.deadline import Guard
 
 
 class Interrupted(BaseException):
@@ -66,25 +69,40 @@ def _deadline_passed(signum: int, frame: object) -> None:
 
 
 class deadline:
-    """Bound the whole of a block in wall-clock time (SIGALRM), not each socket read: a server
-    that trickles one byte every half second never times out a per-read timeout.
+    """Bound the whole of a block in wall-clock time, not each socket read: a server that
+    trickles one byte every half second never times out a per-read timeout.
 
-    Only the main thread can take signals; elsewhere the block runs with its per-read
-    timeouts alone (`armed` is then False)."""
+    On the main thread by SIGALRM (`armed` is then True), which interrupts the block wherever it
+    is. In any other thread by the watchdog of mailbox_relay.deadline, imported only then: at
+    expiry it shuts down the sockets the block registered (a session made with
+    `ingress.client.make_session(settings, threaded=True)` registers its connections), and
+    DeadlinePassed is raised as the block ends."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.armed = False
+        self._bound: Optional[ContextManager[Guard]] = None
+        self._guard: Optional[Guard] = None
 
     def __enter__(self) -> deadline:
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
             self._previous = signal.signal(signal.SIGALRM, _deadline_passed)
             signal.setitimer(signal.ITIMER_REAL, self.seconds)
             self.armed = True
+        else:
+            from mailbox_relay.deadline import bounded
+
+            self._bound = bounded(self.seconds, "deadline")
+            self._guard = self._bound.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: Optional[type], error: Optional[BaseException], trace: Any) -> None:
         if self.armed:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, self._previous)
             self.armed = False
+        elif self._bound is not None:
+            bound, guard, self._bound, self._guard = self._bound, self._guard, None, None
+            bound.__exit__(kind, error, trace)
+            if guard is not None and guard.expired and not isinstance(error, DeadlinePassed):
+                raise DeadlinePassed()  # whatever the shut-down socket made the block raise

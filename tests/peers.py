@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import struct
@@ -61,8 +62,9 @@ class RawServer:
 
     "reset" answers with a TCP RST after reading the request; "stall" reads and never answers;
     "close" closes cleanly without a response; "endless" answers 200 with a chunked body that
-    never ends; "trickle" sends a 204 one byte every half second. The last behaviour repeats for
-    any later connections.
+    never ends; "trickle" sends a 204 one byte every half second; "keepalive-trickle" answers a
+    first request at once (keep-alive) and trickles the answer to the second. The last behaviour
+    repeats for any later connections.
     """
 
     def __init__(self, behaviours: List[str]) -> None:
@@ -109,6 +111,10 @@ class RawServer:
             elif behaviour == "endless":
                 self._endless(conn)
             elif behaviour == "trickle":
+                self._trickle(conn, CANNED["204"])
+            elif behaviour == "keepalive-trickle":  # a kept-alive connection that then slows down
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                self.requests.append(read_request(conn))
                 self._trickle(conn, CANNED["204"])
             elif behaviour == "tls-trickle":  # a TLS record header promising 16 KiB, then a crawl
                 self._trickle(conn, b"\x16\x03\x03\x40\x00" + b"x" * 16384)
@@ -237,7 +243,8 @@ class LocalServe:
 
 class FaultProxy(threading.Thread):
     """A TCP proxy to `upstream` that can break its connections the ways networks do: `rst()`
-    (reset), `fin()` (an orderly close) or `blackhole()` (stop forwarding, close nothing)."""
+    (reset), `fin()` (an orderly close) or `blackhole()` (stop forwarding, close nothing); and
+    slow them the way a hostile server does: `trickle_after(pattern, delay)`."""
 
     def __init__(self, upstream_port: int, tls: Optional[ssl.SSLContext] = None) -> None:
         super().__init__(daemon=True)
@@ -249,7 +256,18 @@ class FaultProxy(threading.Thread):
         self.holed: Set[socket.socket] = set()  # connections whose bytes are swallowed
         self.hide: List[bytes] = []  # removed from what the server says (b" IDLE": no IDLE)
         self.connections = 0
+        self.trickle: Optional[Tuple[bytes, float]] = None
+        self.trickling: Set[socket.socket] = set()  # client sides whose answers trickle
+        self.triggered: List[bytes] = []  # the client lines that started a trickle
+        self._closed = threading.Event()
         self._lock = threading.Lock()
+
+    def trickle_after(self, pattern: bytes, delay: float) -> None:
+        """Once the client sends a line containing `pattern`, forward the server's answers on
+        that connection one byte every `delay` seconds, for as long as it lasts: each read gets
+        a byte in time, yet no answer ever completes. `pattern` b"": from the start of every new
+        connection, so the greeting trickles."""
+        self.trickle = (pattern, delay)
 
     def run(self) -> None:
         while True:
@@ -266,6 +284,9 @@ class FaultProxy(threading.Thread):
             with self._lock:
                 self.pairs.append((client, upstream))
                 self.connections += 1
+                if self.trickle is not None and not self.trickle[0]:
+                    self.trickling.add(client)
+                    self.triggered.append(b"(greeting)")
             for source, target, from_server in ((client, upstream, False), (upstream, client, True)):
                 threading.Thread(target=self._pump, args=(source, target, from_server), daemon=True).start()
 
@@ -280,9 +301,31 @@ class FaultProxy(threading.Thread):
                     if from_server:
                         for word in self.hide:
                             data = data.replace(word, b"")
-                    target.sendall(data)
+                    else:
+                        self._maybe_trickle(source, data)
+                    if from_server and target in self.trickling:
+                        self._trickle(target, data)
+                    else:
+                        target.sendall(data)
         except OSError:
             return
+
+    def _maybe_trickle(self, client: socket.socket, data: bytes) -> None:
+        trickle = self.trickle
+        if trickle is not None and trickle[0] and client not in self.trickling:
+            for line in data.split(b"\r\n"):
+                if trickle[0] in line:
+                    with self._lock:
+                        self.trickling.add(client)
+                        self.triggered.append(line)
+                    return
+
+    def _trickle(self, client: socket.socket, data: bytes) -> None:
+        delay = self.trickle[1] if self.trickle is not None else 0.5
+        for byte in data:
+            if self._closed.wait(delay):
+                return
+            client.sendall(bytes([byte]))
 
     def _take(self) -> List[Tuple[socket.socket, socket.socket]]:
         with self._lock:
@@ -292,12 +335,17 @@ class FaultProxy(threading.Thread):
     def rst(self) -> None:
         for client, upstream in self._take():
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # Wake the pump blocked in recv first: while a thread is inside recv, close() only
+            # drops the descriptor, and the RST would wait until the client next sent something.
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RD)
             client.close()
             upstream.close()
 
     def fin(self) -> None:
         for client, upstream in self._take():
-            client.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # a connection the client already closed
+                client.shutdown(socket.SHUT_RDWR)
             client.close()
             upstream.close()
 
@@ -313,5 +361,58 @@ class FaultProxy(threading.Thread):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._closed.set()
         self.listener.close()
         self.rst()
+
+
+class ScriptedImap(threading.Thread):
+    """A tiny IMAP server IMAPClient talks to for real: a greeting, CAPABILITY, LIST, LOGOUT,
+    and LOGIN / AUTHENTICATE answered with `answer` (b"NO [UNAVAILABLE] busy", or b"OK ...").
+    `logins` records each login command's first line (never its secret)."""
+
+    def __init__(self, answer: bytes, capabilities: bytes = b"IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2") -> None:
+        super().__init__(daemon=True)
+        self.answer = answer
+        self.capabilities = capabilities
+        self.logins: List[bytes] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+
+    def run(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            lines = connection.makefile("rb")
+            connection.sendall(b"* OK ready\r\n")
+            for line in lines:
+                tag, _, rest = line.rstrip(b"\r\n").partition(b" ")
+                command = rest.split(b" ")[0].upper()
+                if command == b"CAPABILITY":
+                    connection.sendall(b"* CAPABILITY " + self.capabilities + b"\r\n" + tag + b" OK done\r\n")
+                elif command in (b"LOGIN", b"AUTHENTICATE"):
+                    self.logins.append(b" ".join(rest.split(b" ")[:2]))
+                    if command == b"AUTHENTICATE":
+                        connection.sendall(b"+ \r\n")
+                        lines.readline()  # the SASL response
+                    connection.sendall(tag + b" " + self.answer + b"\r\n")
+                elif command == b"LIST":
+                    connection.sendall(b'* LIST () "/" INBOX\r\n' + tag + b" OK done\r\n")
+                elif command == b"LOGOUT":
+                    connection.sendall(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+                    return
+                else:
+                    connection.sendall(tag + b" BAD not in this script\r\n")
+
+    def __enter__(self) -> ScriptedImap:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.listener.close()

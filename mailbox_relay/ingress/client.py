@@ -27,8 +27,12 @@ from mailbox_relay.signals import DeadlinePassed, deadline
 RELAY_USER = "actionmailbox"
 
 
-def make_session(settings: Settings) -> requests.Session:
+def make_session(settings: Settings, threaded: bool = False) -> requests.Session:
     """The only way this tool gets an HTTP session: auth, type, agent, TLS, proxies.
+
+    `threaded`: for posts off the main thread, where SIGALRM cannot bound an attempt; its
+    connections register their sockets with the thread's deadline (mailbox_relay.deadline),
+    which shuts them down when --timeout passes. One such session per thread.
 
     Redirects are refused per request (`allow_redirects=False` in `_post`, the only post):
     requests' `max_redirects = 0` would raise before we could read the Location.
@@ -54,6 +58,10 @@ def make_session(settings: Settings) -> requests.Session:
         from urllib3.exceptions import InsecureRequestWarning
 
         warnings.simplefilter("ignore", InsecureRequestWarning)
+    if threaded:
+        from mailbox_relay.deadline import guarded
+
+        guarded(session)
     return session
 
 
