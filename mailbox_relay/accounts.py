@@ -150,6 +150,11 @@ class Account:
         ]
 
 
+class SecretCommandFailed(ConfigError):
+    """A password or token command failed or printed nothing. Temporary for `watch`: the secret
+    store behind it may be locked or restarting, so it is run again after a backoff."""
+
+
 def run_secret_command(command: str, key: str, account: str) -> str:
     """The first line a password or token command prints; it runs without a shell, and what it
     prints is never logged (only that it failed, and its exit code)."""
@@ -162,11 +167,11 @@ def run_secret_command(command: str, key: str, account: str) -> str:
             check=False,
         )
     except (OSError, ValueError, subprocess.TimeoutExpired) as error:
-        raise ConfigError(f"{key} of account {account} failed to run: {error}") from None
+        raise SecretCommandFailed(f"{key} of account {account} failed to run: {error}") from None
     first_line = result.stdout.decode("utf-8", "replace").split("\n")[0].rstrip("\r")
     if result.returncode != 0 or not first_line:
         problem = f"exited {result.returncode}" if result.returncode else "printed nothing"
-        raise ConfigError(f"{key} of account {account} {problem}; run it by hand to see why")
+        raise SecretCommandFailed(f"{key} of account {account} {problem}; run it by hand to see why")
     return first_line
 
 

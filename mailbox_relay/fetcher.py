@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Set
 
 from mailbox_relay.accounts import Account, After
-from mailbox_relay.fetchstate import FetchState, FolderState
+from mailbox_relay.fetchstate import FetchState, FolderState, StateProblem
 from mailbox_relay.imap import FolderInfo
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
@@ -34,7 +34,9 @@ INGRESS_WIDE = frozenset({Reason.UNREACHABLE, Reason.BUSY, Reason.INTERRUPTED})
 PAUSE_AFTER_FAILURES = 3  # new messages failing in a row, nothing delivered: stop this pass
 SIZE_BATCH = 500  # UIDs per RFC822.SIZE fetch
 BODY_BATCH = 100  # messages per BODY.PEEK[] fetch,
-BODY_BATCH_BYTES = 8 * 1024 * 1024  # and at most this many bytes (a larger message goes alone)
+# and at most this many bytes (a larger message goes alone): one FETCH must finish within the
+# account's `timeout`, so a batch is no larger than one piece of a large message (imap.PIECE).
+BODY_BATCH_BYTES = 4 * 1024 * 1024
 
 
 class Folder(Protocol):
@@ -63,6 +65,9 @@ class FolderResult:
     gone: int = 0  # expunged by someone else before we got to it
     waiting: int = 0  # failed earlier, not yet due for another try
     paused: Optional[str] = None  # the answer that stopped the pass
+    left_alone: int = 0  # there before the first sync and not wanted (start = new or a date)
+    start: str = "all"  # the account's start, which decided what was left alone
+    state_failed: bool = False  # the state file failed mid-pass: stop the run, say why
     failures: List[Dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> Dict[str, Any]:
@@ -83,6 +88,7 @@ class FolderSync:
         log: Log = nowhere,
         events: Log = nowhere,
         stopping: Callable[[], bool] = lambda: False,
+        lock_wait: float = 0.0,
     ) -> None:
         self.account = account
         self.state = state
@@ -94,14 +100,35 @@ class FolderSync:
         self.log = log  # problems
         self.events = events  # every delivery too (watch)
         self.stopping = stopping
+        self.lock_wait = lock_wait  # for another process's pass over the same folder to end
 
     def run(self, folder: Folder, name: str) -> FolderResult:
-        result = FolderResult(self.account.name, name)
+        """One pass, holding the folder's lock (FolderBusy if another process holds it). A state
+        file that fails mid-pass ends the pass with its line, keeping the counts so far."""
+        result = FolderResult(self.account.name, name, start=self.account.start)
+        with self.state.lock(self.account.name, name) as lock:
+            lock.acquire(self.lock_wait, self.stopping)
+            try:
+                self._pass(folder, name, result)
+            except StateProblem as problem:
+                result.paused = problem.outcome.detail
+                result.state_failed = True
+                self.log(f"{self.account.name}/{name}: {problem.outcome.detail}")
+        return result
+
+    def _pass(self, folder: Folder, name: str, result: FolderResult) -> None:
         info = folder.select(name)
+        first_sight = self.state.folder(self.account.name, name) is None
         known = self._known(info, name)
         since = datetime.date.fromisoformat(known.since) if known.since else None
         due = self.state.due(self.account.name, name, info.uidvalidity)
         new = folder.search(known.last_uid, since)
+        if first_sight and self.account.start != "all":
+            result.left_alone = max(0, info.exists - len(new))
+            if result.left_alone:
+                self.events(
+                    f"{self.account.name}/{name}: {left_alone_line(result.left_alone, self.account.start)}"
+                )
         retrying = set(due)
         # New mail first: messages that failed before must never hold it up.
         todo = [uid for uid in new if uid not in retrying] + due
@@ -111,7 +138,6 @@ class FolderSync:
         stopped_early = result.paused is not None or self.stopping()
         self.state.synced(self.account.name, name, complete=not stopped_early)
         result.waiting = self.state.waiting(self.account.name, name)
-        return result
 
     def _known(self, info: FolderInfo, name: str) -> FolderState:
         """The folder's state; set up on first sight (per `start`) or after UIDVALIDITY changed."""
@@ -123,27 +149,19 @@ class FolderSync:
             last_uid = info.uidnext - 1 if account.start == "new" else 0
             since = account.start_date.isoformat() if account.start_date else None
         else:
-            # Every UID is new. Deliver again what we may have delivered before (Rails stores
-            # identical bytes once), but not mail older than this folder's first sync.
-            last_uid = 0
-            since = self._since_after_reset(known)
+            # Every UID is new to us, whatever its date: a message back-dated (or copied in with
+            # its old INTERNALDATE) belongs to the new epoch too, so no date may hide it. What was
+            # delivered before is posted again with the same bytes, and Rails stores it once.
+            last_uid, since = 0, None
             self.log(
                 f"{account.name}/{name}: UIDVALIDITY changed ({known.uidvalidity} -> {info.uidvalidity}); "
-                f"delivering again everything {'since ' + since if since else 'in it'} "
+                f"delivering every message in it ({info.exists}) again, whatever its date "
                 "(Rails keeps one copy of identical messages)"
             )
         self.state.begin(account.name, name, info.uidvalidity, last_uid, since)
         found = self.state.folder(account.name, name)
         assert found is not None
         return found
-
-    def _since_after_reset(self, known: FolderState) -> Optional[str]:
-        if self.account.start == "all":
-            return None
-        if self.account.start_date is not None:
-            return self.account.start_date.isoformat()
-        first = datetime.date.fromtimestamp(known.first_seen) - datetime.timedelta(days=1)
-        return first.isoformat()  # SINCE has day precision: a day early, never a day late
 
 
 class _Pass:
@@ -288,6 +306,16 @@ class _Pass:
             record["saved_as"] = self.sync.failed.store(raw)[1]
         self.result.failures.append(record)
         self.sync.log(f"{self.where}: UID {uid} {what}: {outcome.line()}")
+
+
+def left_alone_line(count: int, start: str) -> str:
+    """What the first pass did not deliver, and how to have it delivered (fetch, check)."""
+    which = "existing" if start == "new" else f"older than {start}"
+    later = "a date" if start == "new" else "an earlier date"
+    return (
+        f'{count} {which} messages left alone (start = "{start}"); '
+        f'set start = "all" or {later} to deliver them'
+    )
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:

@@ -6,22 +6,25 @@ Messages go through the same `prepare` and `post_with_retry` as `deliver` and `i
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import os
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
 
 from mailbox_relay.accounts import Account, load_accounts
-from mailbox_relay.fetcher import FolderResult, FolderSync, Post
-from mailbox_relay.fetchstate import FetchState, default_path
+from mailbox_relay.fetcher import FolderResult, FolderSync, Post, left_alone_line
+from mailbox_relay.fetchstate import NOT_SYNCED, FetchState, FolderBusy, StateProblem, default_path
 from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
-from mailbox_relay.outcome import ConfigError, Exit, UsageError
+from mailbox_relay.message import Prepared
+from mailbox_relay.outcome import ConfigError, Exit
 from mailbox_relay.settings import FetchSettings, Settings, open_layers, settings_from
+
+FETCH_LOCK_WAIT = 10.0  # seconds fetch waits for another process's pass over a folder
 
 # What a broken IMAP connection raises, besides our own ImapProblem.
 CONNECTION_ERRORS: Tuple[Type[BaseException], ...] = (OSError, EOFError, socket.timeout, imaplib.IMAP4.error)
@@ -40,12 +43,8 @@ class FetchContext:
         return lines + [line for account in self.accounts for line in account.describe()]
 
     def open_state(self) -> FetchState:
-        try:
-            return FetchState(self.state_path)
-        except (OSError, sqlite3.Error) as error:
-            raise UsageError(
-                f"cannot open the fetch state {self.state_path} ({error}): set fetch_state to a writable path"
-            ) from None
+        """The state store; a StateProblem (a ConfigError) names the file and what is wrong."""
+        return FetchState(self.state_path)
 
     def folder_sync(
         self,
@@ -55,6 +54,7 @@ class FetchContext:
         log: Log,
         events: Log,
         stopping: Callable[[], bool],
+        lock_wait: float = FETCH_LOCK_WAIT,
     ) -> FolderSync:
         return FolderSync(
             account,
@@ -67,6 +67,7 @@ class FetchContext:
             log=log,
             events=events,
             stopping=stopping,
+            lock_wait=lock_wait,
         )
 
 
@@ -89,12 +90,32 @@ def open_context(
     return FetchContext(settings, fetch, accounts, fetch.fetch_state or default_path(environ), failed)
 
 
-def make_post(settings: Settings, log: Log) -> Tuple[Any, Post]:
-    """A keep-alive session with the ingress and the function that posts through it."""
-    from mailbox_relay.ingress.client import make_session, post_with_retry
+def make_post(
+    settings: Settings,
+    log: Log,
+    *,
+    threaded: bool = False,
+    pause: Optional[Callable[[float], None]] = None,
+) -> Tuple[Any, Post]:
+    """A keep-alive session with the ingress and the function that posts through it.
 
-    session = make_session(settings)
-    return session, lambda prepared: post_with_retry(session, settings, prepared, log=log)
+    `threaded`: posts run off the main thread, where each whole attempt is bounded by the
+    deadline watchdog instead of SIGALRM. `pause` replaces the retry loop's sleep; it raises
+    `Interrupted` when the work is stopping, and the message then stays for next time."""
+    from mailbox_relay.ingress.client import Clock, make_session, post_with_retry
+    from mailbox_relay.outcome import Outcome, Reason
+    from mailbox_relay.signals import Interrupted
+
+    session = make_session(settings, threaded=threaded)
+    clock = Clock(sleep=pause) if pause is not None else None
+
+    def post(prepared: Prepared) -> Outcome:
+        try:
+            return post_with_retry(session, settings, prepared, log=log, clock=clock)
+        except Interrupted:
+            return Outcome(Reason.INTERRUPTED, "stopping; the message stays on the server for next time")
+
+    return session, post
 
 
 # --- one pass ------------------------------------------------------------------------------
@@ -109,6 +130,10 @@ class FetchSummary:
 
     def total(self, name: str) -> int:
         return sum(int(getattr(result, name)) for result in self.folders)
+
+    @property
+    def state_failed(self) -> bool:
+        return any(result.state_failed for result in self.folders)
 
     def exit_code(self) -> Exit:
         """75 something may pass on a later run; 65 only invalid messages are left; 0 all done."""
@@ -142,18 +167,30 @@ class FetchSummary:
             if result.waiting:
                 counts.append(f"{result.waiting} waiting to be tried again")
             yield f"{result.account}/{result.folder}: {', '.join(counts)}"
+            if result.left_alone:
+                yield f"  {left_alone_line(result.left_alone, result.start)}"
             if result.paused:
-                yield f"  paused: {result.paused}"
+                yield f"  {'stopped' if result.state_failed else 'paused'}: {result.paused}"
         for problem in self.problems:
             yield f"{problem['where']}: {problem['problem']}"
-        yield _verdict(self.exit_code())
+        yield from self._verdict()
 
-
-def _verdict(code: Exit) -> str:
-    return {
-        Exit.OK: "Everything found was delivered.",
-        Exit.DATAERR: "Invalid messages were left on the server (see above); everything else was delivered.",
-    }.get(code, "Some mail is still on the server, undelivered; it is tried again on the next run.")
+    def _verdict(self) -> Iterable[str]:
+        """What the run knows, and only that: mail it never saw is neither delivered nor not."""
+        undelivered = any(result.paused for result in self.folders) or any(
+            self.total(name) for name in ("failed", "quarantined", "waiting")
+        )
+        if undelivered:
+            yield "Some mail is still on the server, undelivered; it is tried again on the next run."
+        if self.problems:
+            yield "Some accounts or folders could not be read (see above); they are tried on the next run."
+        if self.interrupted:
+            yield "Stopped before the end; the next run carries on from where this one stopped."
+        if not (undelivered or self.problems or self.interrupted):
+            if self.total("invalid"):
+                yield "Invalid messages were left on the server (see above); everything else was delivered."
+            else:
+                yield "Everything found was delivered."
 
 
 def fetch_once(
@@ -168,8 +205,8 @@ def fetch_once(
     session, post = make_post(context.settings, log)
     try:
         for account in context.accounts:
-            if stopping():
-                summary.interrupted = True
+            if stopping() or summary.state_failed:  # a failing state file fails every folder
+                summary.interrupted = summary.interrupted or stopping()
                 break
             sync = context.folder_sync(account, state, post, log, events, stopping)
             summary.folders += sync_account(account, sync, summary.problems, log)
@@ -184,15 +221,16 @@ def sync_account(
     account: Account, sync: FolderSync, problems: List[Dict[str, str]], log: Log
 ) -> List[FolderResult]:
     """Every folder of one account over one connection; what could not be reached goes to
-    `problems`, and the other folders (and accounts) carry on."""
+    `problems` (and to the state, for `status`), and the other folders (and accounts) carry on."""
     results: List[FolderResult] = []
+    report = _Problems(problems, sync.state, account, log)
     try:
         client = connect(account)
     except ImapProblem as problem:
-        _problem(problems, account.name, problem.line, log)
+        report.account(problem.line)
         return results
     except ConfigError as error:  # its password file or command; the other accounts go on
-        _problem(problems, account.name, error.outcome.detail, log)
+        report.account(error.outcome.detail)
         return results
     try:
         folder = ImapFolder(client, account)
@@ -201,18 +239,48 @@ def sync_account(
                 break
             try:
                 results.append(sync.run(folder, name))
-            except ImapProblem as problem:  # this folder only
-                _problem(problems, f"{account.name}/{name}", problem.line, log)
+            except ImapProblem as problem:
+                if problem.kind == "network":  # the connection is gone: not this folder's problem
+                    report.account(problem.line)
+                    break
+                report.folder(name, problem.line)  # this folder only
+            except FolderBusy as busy:
+                report.folder(name, str(busy).split(": ", 1)[1], record=False)
+            if results and results[-1].state_failed:
+                break
     except CONNECTION_ERRORS as error:
-        _problem(problems, account.name, f"connection to {account.host} lost: {describe(error)}", log)
+        report.account(f"connection to {account.host} lost: {describe(error)}")
     finally:
         close(client)
     return results
 
 
-def _problem(problems: List[Dict[str, str]], where: str, line: str, log: Log) -> None:
-    problems.append({"where": where, "problem": line})
-    log(f"{where}: {line}")
+class _Problems:
+    """What could not be reached: for the summary, for stderr, and for `status` (last_error)."""
+
+    def __init__(self, problems: List[Dict[str, str]], state: FetchState, account: Account, log: Log) -> None:
+        self.problems = problems
+        self.state = state
+        self.account_ = account
+        self.log = log
+
+    def account(self, line: str) -> None:
+        self._add(self.account_.name, line)
+        for name in self.account_.folders:
+            self._record(name, line)
+
+    def folder(self, name: str, line: str, record: bool = True) -> None:
+        self._add(f"{self.account_.name}/{name}", line)
+        if record:
+            self._record(name, line)
+
+    def _add(self, where: str, line: str) -> None:
+        self.problems.append({"where": where, "problem": line})
+        self.log(f"{where}: {line}")
+
+    def _record(self, folder: str, line: str) -> None:
+        with contextlib.suppress(StateProblem):  # a broken state is said where it breaks
+            self.state.error(self.account_.name, folder, line)
 
 
 def folder_status(
@@ -230,8 +298,13 @@ def folder_status(
         rows = [row for row in state.report() if not names or row["account"] in names]
     finally:
         state.close()
+    now = time.time()
     for row in rows:
-        row["watching"] = _pid_alive(row["watcher_pid"])
+        # Watched now: a live watch whose last server round-trip is fresh (as /readyz judges);
+        # a pid alone would call a hung or spinning watch, or a renamed folder, watched.
+        fresh = row["watcher_until"] is not None and row["watcher_until"] > now
+        row["watching"] = fresh and _pid_alive(row["watcher_pid"])
+        row["synced"] = row["uidvalidity"] != NOT_SYNCED
     return rows, path
 
 

@@ -1,11 +1,19 @@
 """`watch`: stay connected, and deliver each message about as soon as it arrives.
 
 One thread per account and folder (IDLE watches one selected folder per connection), each with
-its own IMAP connection and state connection, all in one process; the main thread posts what
-they find (see Courier). A thread
-never gives up on network, IMAP or ingress trouble: it reconnects with capped exponential
-backoff and jitter and catches up by UID. Only rejected credentials, after a few tries, stop
-the whole watch (exit 78), because no retry can fix them.
+its own IMAP connection, state connection and ingress session, all in one process: one
+folder's slow or retried posts never hold up another's. A thread never gives up on network,
+IMAP, ingress, state or password-command trouble, nor on a server's temporary refusal
+(RFC 5530 UNAVAILABLE, INUSE, LIMIT): it reconnects with capped exponential backoff and
+jitter and catches up by UID. Only rejected credentials, after a few tries, stop the whole
+watch (exit 78), because no retry can fix them.
+
+Every IMAP command and every post is bounded as a whole by `timeout` (deadline.py), so a
+server that trickles never holds a thread; on SIGTERM the watch lets deliveries in flight
+finish for STOP_GRACE seconds, then cuts every connection it still has and exits.
+
+Each folder's row in the state says when its last server round-trip was (a heartbeat), and
+its last problem, so `status` calls a folder watched only while that is fresh.
 
 Liveness: IDLE is re-issued every `idle_refresh` seconds (default 90, well under the 29 minutes
 servers allow), and each re-issue waits at most `timeout` for the server's answer, so a
@@ -20,29 +28,38 @@ changes (that is, `auth` ran) or GRANT_RECHECK passes.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
+import select
+import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, List, Optional
 
-from mailbox_relay.accounts import Account
-from mailbox_relay.fetcher import FolderResult, FolderSync, Post
+from mailbox_relay import deadline
+from mailbox_relay.accounts import Account, SecretCommandFailed
+from mailbox_relay.fetcher import FolderResult, FolderSync
 from mailbox_relay.fetching import CONNECTION_ERRORS, FetchContext, make_post
-from mailbox_relay.fetchstate import FetchState
+from mailbox_relay.fetchstate import FetchState, FolderBusy, StateProblem
 from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe, session_replace_at
 from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
-from mailbox_relay.message import Prepared
 from mailbox_relay.oauth2 import grant_stamp
-from mailbox_relay.outcome import ConfigError, Exit, Outcome, RelayError, internal_error
-from mailbox_relay.signals import stop_signals
+from mailbox_relay.outcome import ConfigError, Exit, RelayError
+from mailbox_relay.signals import Interrupted, stop_signals
 
 LOGIN_TRIES = 3  # rejected logins in a row before the watch gives up (exit 78)
 RECONNECT = Backoff(first=1.0, cap=60.0)
+# The server refused us for now (RFC 5530 UNAVAILABLE, INUSE, LIMIT: a connection cap): back off
+# longer, or every folder reconnecting at once keeps the account over its cap.
+REFUSED_FOR_NOW = Backoff(first=15.0, cap=300.0)
 PAUSED = Backoff(first=5.0, cap=300.0)  # after the ingress paused a folder: try again this often
 TICK = 0.5  # how often an idle thread looks at the stop flag
 GRANT_RECHECK = 300.0  # a refused OAuth2 grant is tried again this often even if its file is unchanged
+STOP_GRACE = 3.0  # after SIGTERM: seconds for deliveries in flight to finish before connections are cut
+STOP_CUT = 1.5  # then: seconds for the threads to notice their cut connections
+BUSY_RETRY = 5.0  # another process is passing over the folder: look again this much later
+LOCK_WAIT = 2.0  # how long a pass waits for that other process first
 
 
 class Watch:
@@ -54,7 +71,6 @@ class Watch:
         self.stop = threading.Event()
         self.fatal: Optional[str] = None
         self._lock = threading.Lock()
-        self.courier = Courier()
 
     def give_up(self, line: str) -> None:
         with self._lock:
@@ -69,64 +85,36 @@ class Watch:
             for account in self.context.accounts
             for name in account.folders
         ]
-        session, post = make_post(self.context.settings, self.log)
-        try:
-            with stop_signals(self._signalled):
-                for thread in threads:
-                    thread.start()
-                while any(thread.is_alive() for thread in threads):
-                    self.courier.serve(post, TICK)  # until every thread has finished its delivery
-        finally:
-            session.close()
+        with stop_signals(self._signalled):
+            for thread in threads:
+                thread.start()
+            self.stop.wait()  # a signal, or a thread that gave up
+            left = self._join(threads, STOP_GRACE)
+            if left:
+                deadline.cancel_all("stopping")  # cut what still waits on a server or the ingress
+                left = self._join(threads, STOP_CUT)
         if self.fatal:
             self.log(self.fatal)
             return Exit.CONFIG
-        self.log("stopped")
+        if left:  # daemon threads: they end with the process; nothing they hold is acknowledged
+            self.log(
+                f"stopped ({len(left)} folders were cut off mid-command; their mail is fetched next time)"
+            )
+        else:
+            self.log("stopped")
         return Exit.OK
+
+    @staticmethod
+    def _join(threads: List[threading.Thread], seconds: float) -> List[threading.Thread]:
+        until = time.monotonic() + seconds
+        for thread in threads:
+            thread.join(max(0.0, until - time.monotonic()))
+        return [thread for thread in threads if thread.is_alive()]
 
     def _signalled(self) -> None:
         if not self.stop.is_set():
-            self.log("stopping: finishing the delivery in flight, then logging out")
+            self.log("stopping: finishing the deliveries in flight, then logging out")
         self.stop.set()
-
-
-class _Answer:
-    """The outcome of one message, handed from the main thread to the folder thread."""
-
-    def __init__(self, prepared: Prepared) -> None:
-        self.prepared = prepared
-        self.outcome: Optional[Outcome] = None
-        self.done = threading.Event()
-
-
-class Courier:
-    """Carries each folder thread's messages to the main thread, which posts them: only the main
-    thread can take SIGALRM, which bounds each whole attempt by --timeout (signals.deadline), and
-    one keep-alive connection serves every account."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[_Answer] = queue.Queue()
-
-    def post(self, prepared: Prepared) -> Outcome:
-        """For a folder thread: blocks until the main thread has posted the message."""
-        answer = _Answer(prepared)
-        self._queue.put(answer)
-        answer.done.wait()
-        assert answer.outcome is not None
-        return answer.outcome
-
-    def serve(self, post: Post, wait: float) -> None:
-        """For the main thread: post the next message, if one comes within `wait` seconds."""
-        try:
-            answer = self._queue.get(timeout=wait)
-        except queue.Empty:
-            return
-        try:
-            answer.outcome = post(answer.prepared)
-        except Exception as error:  # a bug of ours: this message fails (temporarily), the watch goes on
-            answer.outcome = internal_error(error)
-        finally:
-            answer.done.set()
 
 
 class FolderWatcher:
@@ -144,6 +132,13 @@ class FolderWatcher:
         self.wake_at = float("inf")  # monotonic: a pass is due then even without news (a retry)
         self.session_ends = float("inf")  # monotonic: its OAuth2 token runs out; reconnect first
         self.grant_refused: Optional[str] = None  # the line, while the account's grant is refused
+        self.busy_said = False  # "another process is passing over it" is said once per streak
+        self.refused_for_now = False  # the server's last answer was a temporary refusal
+        # A round-trip at least this often proves the connection alive (IDLE re-issue, NOOP).
+        cycle = (
+            account.idle_refresh if account.poll_interval <= account.idle_refresh else account.poll_interval
+        )
+        self.fresh_for = 2 * cycle + account.timeout  # status calls the folder watched this long after
 
     def run(self) -> None:
         try:
@@ -151,8 +146,9 @@ class FolderWatcher:
         except RelayError as error:  # a thread that ended quietly would leave its folder unwatched
             self.watch.give_up(f"{self.where}: {error.outcome.detail}")
             return
+        session, post = make_post(self.watch.context.settings, self._say, threaded=True, pause=self._pause)
         sync = self.watch.context.folder_sync(
-            self.account, state, self.watch.courier.post, self.log, self.log, self.watch.stop.is_set
+            self.account, state, post, self.log, self.log, self.watch.stop.is_set, lock_wait=LOCK_WAIT
         )
         attempt = 0
         try:
@@ -161,19 +157,34 @@ class FolderWatcher:
                 if self.grant_refused is not None:
                     self._wait_for_grant(self.grant_refused)
                 elif not self.watch.stop.is_set():
-                    self.watch.stop.wait(RECONNECT.delay(max(attempt, 1)))
+                    backoff = REFUSED_FOR_NOW if self.refused_for_now else RECONNECT
+                    self.watch.stop.wait(backoff.delay(max(attempt, 1)))
         finally:
+            session.close()
             state.close()
+
+    def _say(self, line: str) -> None:
+        """The ingress client's retry lines, named by account and folder."""
+        self.log(f"{self.where}: {line}")
+
+    def _pause(self, seconds: float) -> None:
+        """The retry loop's wait, cut short (raising Interrupted) when the watch stops."""
+        if self.watch.stop.wait(seconds):
+            raise Interrupted("stopping")
 
     def _connected(self, sync: FolderSync, state: FetchState) -> bool:
         """One connection's life. True when it ended after working (reconnect at once)."""
         self.grant_refused = None  # set again below if this attempt finds the grant refused
+        self.refused_for_now = False  # likewise, for a server's temporary refusal
         try:
             client = connect(self.account)
         except ImapProblem as problem:
-            self._failed(problem)
+            self._failed(problem, state)
             return False
-        except ConfigError as error:  # the password file or command: no retry can fix it
+        except SecretCommandFailed as error:  # its secret store may be locked or restarting
+            self._problem(state, f"{error.outcome.detail}; trying again")
+            return False
+        except ConfigError as error:  # the password file: no retry can fix it
             self.watch.give_up(f"{self.where}: {error.outcome.detail}")
             return False
         self.login_failures = 0
@@ -184,40 +195,56 @@ class FolderWatcher:
             self._serve(client, sync, state)
             worked = True
         except ImapProblem as problem:
-            self._failed(problem)
+            self._failed(problem, state)
+            worked = problem.kind == "network"  # lost, after working: reconnect at once
         except CONNECTION_ERRORS as error:
-            self.log(f"{self.where}: connection lost ({describe(error)}); reconnecting")
+            self._problem(state, f"connection lost ({describe(error)}); reconnecting")
             worked = True
+        except StateProblem as problem:  # locked, full or damaged: try again after the backoff
+            self.log(f"{self.where}: {problem.outcome.detail}")
         except Exception as error:  # a bug of ours: say so, and start over after the backoff
             self.log(f"{self.where}: internal error ({type(error).__name__}: {error}); please report this")
         finally:
-            state.watching(self.account.name, self.folder, None)
+            with contextlib.suppress(StateProblem):
+                state.watching(self.account.name, self.folder, None)
             close(client)
         return worked
 
-    def _failed(self, problem: ImapProblem) -> None:
+    def _failed(self, problem: ImapProblem, state: FetchState) -> None:
         if problem.kind == "grant":  # a person must run `auth`: wait for that, say it once
             self.grant_refused = problem.line
+            self._record(state, problem.line)
             return
+        self.refused_for_now = problem.kind == "unavailable"
         if problem.kind == "login":
             self.login_failures += 1
             if self.login_failures >= LOGIN_TRIES:
                 self.watch.give_up(f"{self.where}: {problem.line} (rejected {LOGIN_TRIES} times; stopping)")
                 return
-        self.log(f"{self.where}: {problem.line}; trying again")
+        self._problem(state, f"{problem.line}; trying again")
+
+    def _problem(self, state: FetchState, line: str) -> None:
+        self.log(f"{self.where}: {line}")
+        self._record(state, line)
+
+    def _record(self, state: FetchState, line: str) -> None:
+        """The folder's last error, for `status` (and readiness): never lost to a broken state."""
+        with contextlib.suppress(StateProblem):
+            state.error(self.account.name, self.folder, line)
+
+    def _alive(self, state: FetchState) -> None:
+        """A server round-trip just worked: the heartbeat `status` judges "watched now" by."""
+        state.watching(self.account.name, self.folder, os.getpid(), self.fresh_for)
 
     def _serve(self, client: Any, sync: FolderSync, state: FetchState) -> None:
         folder = ImapFolder(client, self.account)
         idle = client.has_capability("IDLE")
-        marked = False  # in the state, for `status` (the folder's row exists after a pass)
+        caught_up = False
         while not self.watch.stop.is_set():
-            if time.monotonic() >= self.paused_until:
-                self._after_pass(sync.run(folder, self.folder), state)
-                if not marked:
-                    state.watching(self.account.name, self.folder, os.getpid())
-                    marked = True
-                    how = "IDLE" if idle else f"polling every {self.account.poll_interval:g}s"
-                    self.log(f"{self.where}: caught up; waiting for new mail ({how})")
+            if time.monotonic() >= self.paused_until and self._pass(sync, folder, state) and not caught_up:
+                caught_up = True
+                how = "IDLE" if idle else f"polling every {self.account.poll_interval:g}s"
+                self.log(f"{self.where}: caught up; waiting for new mail ({how})")
             if time.monotonic() >= self.session_ends:
                 self.log(
                     f"{self.where}: the OAuth2 token of this connection runs out; reconnecting with a new one"
@@ -227,6 +254,22 @@ class FolderWatcher:
                 self._idle(client)
             else:
                 self._poll(client)
+            self._alive(state)
+
+    def _pass(self, sync: FolderSync, folder: ImapFolder, state: FetchState) -> bool:
+        """One pass; False when another process was passing over the folder (try again soon)."""
+        try:
+            result = sync.run(folder, self.folder)
+        except FolderBusy as busy:
+            if not self.busy_said:
+                self.log(f"{busy}; trying again every {BUSY_RETRY:g}s")
+                self.busy_said = True
+            self.paused_until = self.wake_at = time.monotonic() + BUSY_RETRY
+            return False
+        self.busy_said = False
+        self._alive(state)
+        self._after_pass(result, state)
+        return True
 
     def _after_pass(self, result: FolderResult, state: FetchState) -> None:
         now = time.monotonic()
@@ -240,15 +283,20 @@ class FolderWatcher:
         self.wake_at = float("inf") if next_try is None else now + max(0.0, next_try - time.time())
 
     def _idle(self, client: Any) -> None:
-        """Until something arrives, `idle_refresh` passes, a pass is due, or stop."""
+        """Until something arrives, `idle_refresh` passes, a pass is due, or stop. A connection
+        the server closed or reset is noticed at once: IMAPClient's idle_check swallows EOF and
+        answers "nothing new", which would otherwise spin until the next IDLE re-issue."""
         wake = min(time.monotonic() + self.account.idle_refresh, self.wake_at, self.session_ends)
         client.idle()
         try:
             while not self.watch.stop.is_set() and time.monotonic() < wake:
                 if client.idle_check(timeout=TICK):
                     return  # EXISTS, EXPUNGE, FETCH...: a pass now
+                if _closed_by_peer(client.socket()):
+                    raise ConnectionResetError("the server closed the connection")
         finally:
-            client.idle_done()  # waits at most `timeout` for the answer: a dead line raises
+            if not _closed_by_peer(client.socket()):
+                client.idle_done()  # waits at most `timeout` for the answer: a dead line raises
 
     def _poll(self, client: Any) -> None:
         wake = min(time.monotonic() + self.account.poll_interval, self.wake_at, self.session_ends)
@@ -266,6 +314,19 @@ class FolderWatcher:
                 self.log(f"{self.where}: the OAuth2 grant changed; resuming")
                 return
             self.watch.stop.wait(TICK)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the server has closed (FIN) or reset (RST) the connection: the socket is
+    readable, and a peek at the raw bytes (under TLS too) finds the end or an error."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        return not socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset, or already shut down by a deadline
+        return True
 
 
 def _monotonic_at(epoch: Optional[float]) -> float:

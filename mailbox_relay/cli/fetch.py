@@ -52,8 +52,10 @@ Exit codes:
 
 STATUS_HELP = """Show, per account and folder, what fetch and watch have done (from the state file).
 
-Last successful sync, delivered / failed / quarantined / invalid counts, the last error and
-when it happened, and whether a watch is connected now. Changes nothing.
+Last successful sync, delivered / failed / quarantined / invalid counts, the last error (IMAP,
+token, password command, state or ingress) and when it happened, and whether a watch is
+connected now: only while its last round-trip with the server is fresh (2 x idle_refresh +
+timeout), not merely while its process exists. Changes nothing.
 """
 
 _ACCOUNT = click.option(
@@ -174,9 +176,16 @@ def status(accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
 
 
 def _status_lines(row: Dict[str, Any]) -> List[str]:
-    watching = f"watched now by pid {row['watcher_pid']}" if row["watching"] else "not watched now"
+    if row["watching"]:
+        watching = f"watched now by pid {row['watcher_pid']} (since {_when(row['watcher_since'])})"
+    elif row["watcher_pid"]:  # its process, or its last round-trip with the server, is gone
+        pid = row["watcher_pid"]
+        watching = f"not watched now (pid {pid}: no fresh round-trip with the server; stale at {_stale(row)})"
+    else:
+        watching = "not watched now"
+    synced = f"last sync {_when(row['last_sync'])}" if row["synced"] else "never synced"
     lines = [
-        f"{row['account']}/{row['folder']}: last sync {_when(row['last_sync'])}; {watching}",
+        f"{row['account']}/{row['folder']}: {synced}; {watching}",
         f"  delivered {row['delivered']}, failed {row['failed']}, quarantined {row['quarantined']}, "
         f"invalid {row['invalid']}; last delivery {_when(row['last_delivered'])}",
     ]
@@ -185,6 +194,12 @@ def _status_lines(row: Dict[str, Any]) -> List[str]:
     for item in row["quarantined_uids"]:
         lines.append(f"  quarantined UID {item['uid']} after {item['tries']} tries: {item['reason']}")
     return lines
+
+
+def _stale(row: Dict[str, Any]) -> str:
+    """When the watch's heartbeat went stale: it was fresh until watcher_until."""
+    until = row["watcher_until"]
+    return _when(until) if until is not None else "its start"
 
 
 def _when(timestamp: Optional[float]) -> str:

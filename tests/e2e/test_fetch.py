@@ -555,3 +555,198 @@ def test_two_watchers_on_one_mailbox_store_each_message_once_in_rails(
     # sometimes stores a message but fails its routing job ("database is locked"; see #15).
     expected = sorted(f"twice-watched-{n}@e2e.example" for n in range(6))
     assert sorted(rails.stored_message_ids()) == expected
+
+
+# --- under attack (issue 25): epochs, races, dropped connections, stops, secrets, status -------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_new_uidvalidity_delivers_back_dated_messages_in_the_same_run(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    """The attack's steps: m1 delivered; the folder deleted and re-created; m3 (three days old),
+    m4 (2020-01-01) and m2 (now) appended. One fetch posts all three, and says all is done."""
+    box = Account(dovecot, tmp_path, ingress.url, folders=["Work"], start="new")
+    box.create("Work")
+    assert box.fetch()[0] == 0
+    box.append(message("m1"), folder="Work")
+    assert box.fetch()[0] == 0
+    client = box.imap()
+    client.delete("Work")
+    client.create("Work")
+    client.logout()
+    box.append(message("m3"), folder="Work", date=time.time() - 3 * 86400)
+    box.append(message("m4"), folder="Work", date=time.mktime((2020, 1, 1, 12, 0, 0, 0, 0, -1)))
+    box.append(message("m2"), folder="Work")
+    code, out, err = box.fetch()
+    assert code == 0 and "UIDVALIDITY changed" in err, (out, err)
+    assert sorted(ingress.bodies[1:]) == sorted(message(m) for m in ("m2", "m3", "m4"))
+    assert box.fetch()[0] == 0 and len(ingress.bodies) == 4  # nothing later, nothing twice
+
+
+def test_the_first_fetch_says_what_start_new_left_alone(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, start="new")
+    box.append(*messages(5, "old"))
+    code, out, _ = box.fetch()
+    assert code == 0 and ingress.bodies == [], out
+    assert '5 existing messages left alone (start = "new"); set start = "all" or a date' in out, out
+
+
+def test_two_fetches_on_one_state_post_each_message_once(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, after="delete")
+    raws = messages(300, "raced")
+    box.append(*raws)
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mailbox_relay", "fetch"],
+            env={**os.environ, **box.env()},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    results = [(run.wait(60), *(stream.decode() for stream in run.communicate())) for run in runs]
+    assert sorted(ingress.bodies) == sorted(raws), results  # each once
+    assert all(code in (0, 75) for code, _, _ in results), results
+    assert not any("EXPUNGEISSUED" in out + err or "internal error" in out + err for _, out, err in results)
+    assert box.count() == 0
+
+
+@pytest.mark.parametrize("fault", ["rst", "fin"])
+def test_watch_notices_a_dropped_idle_connection_at_once_without_spinning(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch], fault: str
+) -> None:
+    with FaultProxy(dovecot.port) as proxy:
+        box = Account(dovecot, tmp_path, ingress.url, start="new", port=proxy.port)  # idle_refresh 90 s
+        watch = Watch(box)
+        watches.append(watch)
+        time.sleep(0.5)  # into IDLE
+        before = cpu_seconds(watch.process.pid)
+        getattr(proxy, fault)()
+        box.append(message(f"after {fault}"))
+        watch.wait_for(lambda: message(f"after {fault}") in ingress.bodies, 5)  # not idle_refresh later
+        time.sleep(3)
+        used = cpu_seconds(watch.process.pid) - before
+        assert used < 1.0, f"{used:.2f}s of CPU in ~4s after {fault}\n{watch.text()}"
+        assert "connection lost" in watch.text() or "closed the connection" in watch.text()
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "trickling ingress"])
+def test_sigterm_ends_watch_within_5s_whatever_a_connection_is_doing(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, fault: str
+) -> None:
+    with FaultProxy(dovecot.port) as proxy, RawServer(["trickle"] * 5) as slow:
+        url = slow.url if fault == "trickling ingress" else ingress.url
+        box = Account(dovecot, tmp_path, url, start="new", port=proxy.port)
+        box.config.write_text(box.config.read_text().replace("retry_for = 0", "retry_for = 60\ntimeout = 30"))
+        watch = Watch(box)
+        try:
+            if fault == "blackhole":
+                proxy.blackhole()
+                box.append(message("into the hole"))  # the IDLE answer never comes
+            else:
+                box.append(message("trickled"))
+                wait_for(lambda: slow.connections >= 1, 10)
+            time.sleep(1)
+            started = time.monotonic()
+            code = watch.stop()
+            assert time.monotonic() - started < 5, watch.text()
+            assert code == 0 and "stopped" in watch.text(), watch.text()
+        finally:
+            watch.kill()
+
+
+def test_a_failing_password_command_is_retried_and_watch_goes_on(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    """The secret store is locked for a while: watch says so, records it, and carries on."""
+    box = Account(dovecot, tmp_path, ingress.url, start="new")
+    unlocked = tmp_path / "unlocked"
+    script = tmp_path / "secret.sh"
+    script.write_text(f'#!/bin/sh\ntest -e {unlocked} || exit 3\necho "secret-{box.user}"\n')
+    script.chmod(0o700)
+    box.write(ingress.url, start="new", password=None, password_command=str(script))
+    log = tmp_path / "watch.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailbox_relay", "watch"],
+        env={**os.environ, **box.env()},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+    )
+    try:
+        wait_for(lambda: "exited 3; run it by hand to see why; trying again" in log.read_text(), 10)
+        time.sleep(2)
+        assert process.poll() is None, log.read_text()  # not 78: a command that fails is temporary
+        _, out, _ = invoke(["status", "--json"], env=box.env())
+        (row,) = json.loads(out)["folders"]
+        assert "password_command of account box exited 3" in row["last_error"], row
+        unlocked.touch()
+        wait_for(lambda: "waiting for new mail" in log.read_text(), 30)
+        box.append(message("after the vault opened"))
+        wait_for(lambda: message("after the vault opened") in ingress.bodies, 10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(10)
+    assert code == 0, log.read_text()
+
+
+def test_status_stops_calling_a_renamed_folder_watched(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch]
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, folders=["Work"], start="new", idle_refresh=1, timeout=2)
+    box.create("Work")
+    watches.append(Watch(box))
+    _, out, _ = invoke(["status", "--json"], env=box.env())
+    assert json.loads(out)["folders"][0]["watching"] is True
+    client = box.imap()
+    assert client.rename("Work", "Elsewhere")[0] == "OK"
+    client.logout()
+
+    def not_watched() -> bool:
+        _, out, _ = invoke(["status", "--json"], env=box.env())
+        row = json.loads(out)["folders"][0]
+        return row["watching"] is False and "Work" in (row["last_error"] or "")
+
+    watches[0].wait_for(not_watched, 15)
+    assert watches[0].process.poll() is None  # it keeps trying: the folder may come back
+
+
+def test_one_folders_retries_never_delay_another_folders_first_attempt(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204, watches: List[Watch]
+) -> None:
+    """Folder A's message gets 500 after 500 (retried for 20 s); folder B's arrives meanwhile
+    and is posted at once, not after A's retries (each folder posts on its own)."""
+    ingress.poison = b"Subject: stuck in A"
+    box = Account(dovecot, tmp_path, ingress.url, folders=["INBOX", "B"], start="new")
+    box.config.write_text(box.config.read_text().replace("retry_for = 0", "retry_for = 20"))
+    box.create("B")
+    watches.append(Watch(box))
+    watches[0].wait_for(lambda: watches[0].text().count("waiting for new mail") == 2, 20)
+    box.append(message("stuck in A"))
+    watches[0].wait_for(lambda: ingress.requests >= 2, 10)  # A is retrying now
+    sent = time.monotonic()
+    box.append(message("free in B"), folder="B")
+    watches[0].wait_for(lambda: message("free in B") in ingress.bodies, 10)
+    assert time.monotonic() - sent < 3, watches[0].text()
+    assert "box/INBOX: attempt" in watches[0].text()  # retry lines name the account and folder
+
+
+def test_check_account_says_what_the_first_pass_will_leave_alone(
+    tmp_path: Path, dovecot: Dovecot, ingress: Ingress204
+) -> None:
+    box = Account(dovecot, tmp_path, ingress.url, start="new")  # (the 204 stub fails check's probe)
+    box.append(*messages(3, "already there"))
+    _, out, _ = invoke(["check", "--account", "box"], env=box.env())
+    assert "✓ folder INBOX: 3 messages" in out, out
+    assert '3 existing messages left alone (start = "new"); set start = "all" or a date' in out, out
+    assert box.fetch()[0] == 0
+    _, out, _ = invoke(["check", "--account", "box"], env=box.env())
+    assert "✓ folder INBOX: 3 messages" in out and "left alone" not in out, out  # synced now
