@@ -142,7 +142,7 @@ def test_unreadable_input_and_bad_settings(tmp_path: Path, clean_env: Dict[str, 
     assert run_import(["--url", "http://127.0.0.1:9", str(tmp_path / "nope.mbox")], {})[0] == 66
     mbox = write_mbox(tmp_path / "in.mbox", [message(0)])
     code, _, err = invoke(["import", str(mbox)], stdin=b"", env={})
-    assert code == 75 and err.startswith("4.3.5 no ingress URL")
+    assert code == 75 and err.startswith("mailbox-relay: error: no ingress URL")
     assert invoke(["import"], stdin=b"", env={})[0] == 64
     assert invoke(["import", "--since", "yesterday", str(mbox)], stdin=b"", env={})[0] == 64
 

@@ -337,7 +337,8 @@ def test_a_maildir_under_a_regular_file_is_named(tmp_path: Path, clean_env: Dict
         timeout=30,
     )
     assert result.returncode == 73
-    assert result.stderr.decode().startswith(f"mailbox-relay: cannot use {blocker / 'inbox'} as a Maildir")
+    expected = f"mailbox-relay: error: cannot use {blocker / 'inbox'} as a Maildir"
+    assert result.stderr.decode().startswith(expected)
     assert b"listen" not in result.stderr
 
 
