@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -73,8 +74,9 @@ message from RawEmail, email, body-mime or each inbound event's raw_msg.
 def serve(host: str, port: int, maildir: str, ingress: str, **options: Any) -> Exit:
     from mailbox_relay.maildir import MaildirWriter
     from mailbox_relay.outcome import ConfigError
-    from mailbox_relay.server import make_server
+    from mailbox_relay.server import answer, listen
     from mailbox_relay.settings import open_layers
+    from mailbox_relay.signals import stop_signals
 
     try:
         with usage_errors():
@@ -84,24 +86,37 @@ def serve(host: str, port: int, maildir: str, ingress: str, **options: Any) -> E
     except ConfigError as error:
         to_stderr_error(error.outcome.detail)
         return Exit.CONFIG
-    try:
-        inbox = MaildirWriter(maildir)
+    try:  # listen first: a server that cannot run creates no Maildir
+        server = listen(host, port, to_stderr)
     except OSError as error:
-        to_stderr_error(f"cannot use {maildir} as a Maildir: {error.strerror or error}; pass --maildir DIR")
-        return Exit.CANTCREAT
-    try:
-        server = make_server(host, port, password, inbox, to_stderr, INGRESSES[ingress])
-    except OSError as error:
-        to_stderr_error(f"cannot listen on {host}:{port}: {error.strerror}")
+        why = error.strerror or str(error)
+        to_stderr_error(f"cannot listen on {host}:{port}: {why}; is another server there? Pass --port")
         return Exit.UNAVAILABLE
-    bound = server.server_address[1]
-    path = INGRESSES[ingress].path
-    where = f"http://{host}:{bound}{path}"
-    to_stderr(f"listening on {where}, as the {ingress} ingress, storing into {maildir}/new (Ctrl-C stops)")
     try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
+        try:
+            inbox = MaildirWriter(maildir)
+        except OSError as error:
+            why = error.strerror or str(error)
+            to_stderr_error(f"cannot use {maildir} as a Maildir: {why}; pass --maildir DIR")
+            return Exit.CANTCREAT
+        answer(server, password, inbox, INGRESSES[ingress])
+        bound = server.server_address[1]
+        where = f"http://{host}:{bound}{INGRESSES[ingress].path}"
+        to_stderr(
+            f"listening on {where}, as the {ingress} ingress, storing into {maildir}/new "
+            "(Ctrl-C or SIGTERM stops)"
+        )
+        with stop_signals(_stop), contextlib.suppress(_Stopped):
+            server.serve_forever(poll_interval=0.2)
         to_stderr("stopped")
     finally:
         server.server_close()
     return Exit.OK
+
+
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM: leave serve_forever and say `stopped` (exit 0), as watch does."""
+
+
+def _stop() -> None:
+    raise _Stopped
