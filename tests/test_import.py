@@ -287,6 +287,31 @@ def test_rich_progress_logs_above_the_bar_and_ends_on_the_final_counts() -> None
     assert "20 msgs" in text and "1 failed" in text
 
 
+def test_rich_progress_after_ctrl_c_ends_on_the_bytes_really_done() -> None:
+    import io
+
+    from mailbox_relay.progress import RichProgress, Summary
+
+    stream = io.StringIO()
+    progress = RichProgress(stream)
+    progress.update(Summary(messages=3, delivered=3), 600_000, 1_200_000)
+    progress.update(Summary(messages=3, delivered=3), 610_000, 1_200_000)  # within 0.1 s: not drawn
+    progress.close(Summary(messages=6, delivered=6, interrupted=True))
+    last = stream.getvalue().rstrip().splitlines()[-1]
+    assert "0.6/1.2 MB" in last and "1.2/1.2" not in last, last
+
+
+def test_the_rate_counts_only_messages_this_run_worked_on() -> None:
+    """Already delivered (the journal) and filtered-out messages cost nothing: not in the rate."""
+    import time
+
+    from mailbox_relay.progress import Summary, summary_lines
+
+    summary = Summary(messages=500, already=400, filtered=60, delivered=40, started=time.monotonic() - 10)
+    first = next(iter(summary_lines(summary)))
+    assert first.startswith("500 messages in 10.0s (4/s):"), first
+
+
 def test_verbose_lists_every_setting_and_its_source(tmp_path: Path, clean_env: Dict[str, str]) -> None:
     mbox = write_mbox(tmp_path / "in.mbox", [message(0)])
     with Ingress204() as ingress:
