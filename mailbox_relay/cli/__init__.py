@@ -10,7 +10,6 @@ number, and only `exit_style` decides between sysexits and qmail codes.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import sys
@@ -83,6 +82,8 @@ def cli() -> None:
 
 def _no_such_command(name: str) -> str:
     """Unknown command, with the nearest ones (`imprt` -> import) if any."""
+    import difflib  # only for a mistyped command: deliver never pays for it
+
     close = difflib.get_close_matches(name, list(COMMANDS), n=2, cutoff=0.6)
     if close:
         return f"no such command {name!r} (did you mean {_either(close)}?)"

@@ -6,7 +6,6 @@ value is validated once, the same way whether it came from an option, the enviro
 
 from __future__ import annotations
 
-import textwrap
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, TypeVar
 
@@ -54,6 +53,8 @@ def _verbose(help_text: str) -> Callable[[F], F]:
 
 def exit_codes_help(rows: Sequence[Tuple[Exit, str]], title: str = "Exit codes") -> str:
     """A command's exit-code table for its --help: the numbers from `Exit`, one row each."""
+    import textwrap  # only the help of the commands people run: deliver never pays for it
+
     lines = ["\b", f"{title}:"]
     for code, meaning in rows:
         first, *rest = textwrap.wrap(meaning, 80)
