@@ -60,24 +60,23 @@ def temp_leftovers(directory: str) -> List[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def nothing_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Every test (and every process it starts) gets a temporary directory of the session's own
-    as TMPDIR; at the end it must be empty, and the repository must hold nothing new. pytest's
-    tmp_path directories stay where pytest keeps them."""
-    tmp_path_factory.getbasetemp()  # pytest's own, in the real temporary directory
+def nothing_left_behind() -> Iterator[str]:
+    """Every process a test starts (mailbox-relay, contrib/try-it.sh, ...) gets a temporary
+    directory of the session's own as TMPDIR; at the end it must be empty, and the repository
+    must hold nothing new. (This process keeps its own: multiprocessing removes its directory
+    only at exit, after this check.)"""
     private = tempfile.mkdtemp(prefix="mailbox-relay-tests.")
     os.chmod(private, 0o1777)  # like /tmp: the e2e suite's other users write there too
-    saved = (os.environ.get("TMPDIR"), tempfile.tempdir)
-    os.environ["TMPDIR"] = tempfile.tempdir = private
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = private
     before = repo_leftovers()
     try:
         yield private
     finally:
-        if saved[0] is None:
+        if saved is None:
             os.environ.pop("TMPDIR", None)
         else:
-            os.environ["TMPDIR"] = saved[0]
-        tempfile.tempdir = saved[1]
+            os.environ["TMPDIR"] = saved
     left = temp_leftovers(private)
     shutil.rmtree(private, ignore_errors=True)
     new = sorted(repo_leftovers() - before)

@@ -111,6 +111,9 @@ def test_every_contrib_example_says_what_it_needs_and_agrees_on_the_install() ->
 
 def test_the_leftover_check_sees_what_a_test_leaves(nothing_left_behind: str) -> None:
     """The session's check (conftest.py) would fail on a file left in TMPDIR or the repository."""
+    import tempfile
+
+    assert tempfile.gettempdir() != nothing_left_behind  # this process's own stays apart
     from .conftest import repo_leftovers, temp_leftovers
 
     assert os.environ["TMPDIR"] == nothing_left_behind
