@@ -5,7 +5,8 @@
 #
 # It fails loudly: any step that fails stops it with a non-zero exit. The inbox is new on
 # every run, so nothing left over from an earlier run can pass for success, and the password
-# lives only in this script's environment, not in your shell.
+# lives only in this script's environment, not in your shell. The inbox (it says where) is
+# removed when the script ends, whether it succeeded or not.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 inbox=$(mktemp -d "${TMPDIR:-/tmp}/mailbox-relay-try.XXXXXX")
@@ -14,7 +15,7 @@ export MAILBOX_RELAY_PASSWORD
 
 mailbox-relay serve --port 0 --maildir "$inbox/Maildir" 2>"$inbox/serve.log" &
 serve=$!
-trap 'kill "$serve" 2>/dev/null || true' EXIT
+trap 'kill "$serve" 2>/dev/null || true; wait "$serve" 2>/dev/null || true; rm -rf "$inbox"' EXIT
 
 url=""
 for _ in $(seq 100); do
@@ -31,5 +32,5 @@ done
 
 # Silent on success: any output here would be the one line saying what went wrong.
 mailbox-relay deliver --url "$url" --retry-for 0 "$here/sample.eml"
-echo "delivered; serve stored:"
+echo "delivered; serve stored in $inbox/Maildir/new (removed when this script ends):"
 ls "$inbox/Maildir/new"

@@ -1,3 +1,3 @@
 """mailbox-relay: move email into a Rails app's Action Mailbox relay ingress, safely."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, load_accounts
+from mailbox_relay.endpoint import UNREACHABLE_HINT, plain_http_hint
 from mailbox_relay.ingress.formats import INGRESSES
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, UsageError, check_exit_code
@@ -127,6 +128,8 @@ def _connect(
         connection = socket.create_connection((host, port), timeout=timeout)
     except OSError as error:
         why = "timed out" if isinstance(error, socket.timeout) else (error.strerror or str(error))
+        if isinstance(error, ConnectionRefusedError):
+            why += f"; {UNREACHABLE_HINT}" if step == "tcp" else "; is the IMAP server's host and port right?"
         report.failed(step, f"cannot connect to {host}:{port}: {why}", Exit.UNAVAILABLE)
         return None
     report.passed(step, f"connected to {host}:{port} in {_ms(started)}")
@@ -296,7 +299,8 @@ def _handshake(report: Report, connection: socket.socket, host: str, settings: S
         return False
     except (ssl.SSLError, OSError) as error:
         detail = f"TLS with {host} failed: {getattr(error, 'verify_message', None) or error}"
-        report.failed("tls", detail + "; fix the certificate, or pass --ca-bundle", Exit.UNAVAILABLE)
+        hint = plain_http_hint(error) or "; fix the certificate, or pass --ca-bundle"
+        report.failed("tls", detail + hint, Exit.UNAVAILABLE)
         return False
     if not certificate:
         report.passed("tls", f"{version}, certificate NOT verified (--insecure)")

@@ -138,3 +138,18 @@ class TlsPolicy:
         import certifi  # what requests verifies against by default
 
         return ssl.create_default_context(cafile=self.bundle or certifi.where())
+
+
+# What OpenSSL says when the other side of a TLS handshake speaks plain HTTP.
+_PLAIN_HTTP_SIGNS = ("wrong version number", "record layer failure", "packet length too long", "http request")
+UNREACHABLE_HINT = "is the app running, and is the port in the URL right?"
+
+
+def plain_http_hint(error: BaseException) -> str:
+    """ "; is this an http port? ..." when a TLS handshake met plain HTTP (an https:// URL with
+    the app's http port), else ""."""
+    text = " ".join(str(getattr(error, name, "") or "") for name in ("reason", "strerror")) + f" {error}"
+    text = text.lower().replace("_", " ")
+    if any(sign in text for sign in _PLAIN_HTTP_SIGNS):
+        return "; is this an http port? Use the port that serves https, or an http:// URL"
+    return ""

@@ -53,5 +53,11 @@ def to_stderr(line: str) -> None:
     say(prefixed(line))
 
 
+def to_stderr_error(line: str) -> None:
+    """The one style of an error that ends a command people run: `mailbox-relay: error: ...`.
+    (deliver's lines lead with an enhanced status code instead: an MTA reads them.)"""
+    say(prefixed("error: " + line))
+
+
 def nowhere(line: str) -> None:
     pass

@@ -54,7 +54,8 @@ class Reason(enum.Enum):
     CLIENT_ERROR = ("4.3.0", Kind.TEMPORARY, False, Exit.UNAVAILABLE, False)
     BUSY = ("4.4.5", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
     SERVER_ERROR = ("4.3.0", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
-    UNREACHABLE = ("4.4.1", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
+    # Connection refused or a name that does not resolve: every message would meet it too.
+    UNREACHABLE = ("4.4.1", Kind.TEMPORARY, True, Exit.UNAVAILABLE, True)
     NETWORK = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
     TIMEOUT = ("4.4.2", Kind.TEMPORARY, True, Exit.UNAVAILABLE, False)
     TLS = ("4.7.5", Kind.TEMPORARY, False, Exit.UNAVAILABLE, True)

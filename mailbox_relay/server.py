@@ -196,9 +196,22 @@ class RelayServer(ThreadingHTTPServer):
         self.log(f"{client_address[0]}: request failed ({type(error).__name__}: {error})")
 
 
+def listen(host: str, port: int, log: Log) -> RelayServer:
+    """Bind first (OSError if the port is taken), so nothing is created for a server that cannot run;
+    `answer` then says how it answers and where it stores."""
+    server = RelayServer((host, port), BaseHTTPRequestHandler)
+    server.log = log
+    return server
+
+
+def answer(
+    server: RelayServer, password: str, maildir: MaildirWriter, ingress: Ingress = RELAY
+) -> RelayServer:
+    server.RequestHandlerClass = make_handler(password, maildir, server.log, ingress)
+    return server
+
+
 def make_server(
     host: str, port: int, password: str, maildir: MaildirWriter, log: Log, ingress: Ingress = RELAY
 ) -> RelayServer:
-    server = RelayServer((host, port), make_handler(password, maildir, log, ingress))
-    server.log = log
-    return server
+    return answer(listen(host, port, log), password, maildir, ingress)

@@ -98,6 +98,10 @@ class _Worker:
     settings: Settings
     pacer: AdaptiveConcurrency
     session: Any = None
+    # Has the app answered this worker yet? Until it has, an app that cannot be reached is not
+    # waited for (import stops after a few: it is not running, or the URL is wrong); once it
+    # has, a refused connection is an app restarting, retried within --retry-for as deliver does.
+    reached = False
 
 
 def _die_with(importer: int) -> None:
@@ -182,7 +186,11 @@ def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
             outcomes.append(outcomes[-1])
             continue
         prepared = Prepared(payload, 0, b"")
-        outcomes.append(post_with_retry(_Worker.session, _Worker.settings, prepared, pacer=_Worker.pacer))
+        outcome = post_with_retry(
+            _Worker.session, _Worker.settings, prepared, pacer=_Worker.pacer, wait_for_app=_Worker.reached
+        )
+        _Worker.reached = _Worker.reached or outcome.reason is not Reason.UNREACHABLE
+        outcomes.append(outcome)
     return outcomes, time.monotonic() - started
 
 

@@ -187,3 +187,25 @@ def test_a_missing_ca_bundle_is_a_settings_failure(clean_env: Dict[str, str], tm
     code, report = check(["--url", "https://x.example.com", "--ca-bundle", str(tmp_path / "nope.pem")], env)
     assert code == 78
     assert "nope.pem" in steps(report)["settings"]["detail"]  # type: ignore[index]
+
+
+def test_an_https_url_at_a_plain_http_port_asks_whether_it_is_an_http_port(
+    httpserver: HTTPServer, clean_env: Dict[str, str], sample: bytes
+) -> None:
+    url = httpserver.url_for(PATH).replace("http://", "https://")
+    code, report = check(["--url", url], {"MAILBOX_RELAY_PASSWORD": "pw"})
+    assert code == 69
+    tls = str(steps(report)["tls"]["detail"])  # type: ignore[index]
+    assert "is this an http port?" in tls and "fix the certificate" not in tls, tls
+    code, _, err = invoke(
+        ["deliver", "--url", url, "--retry-for", "0"], sample, {"MAILBOX_RELAY_PASSWORD": "pw"}
+    )
+    assert code == 75 and "is this an http port?" in err, err
+
+
+def test_a_refused_connection_asks_whether_the_app_is_running(clean_env: Dict[str, str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code, report = check(["--url", url], {"MAILBOX_RELAY_PASSWORD": "pw"})
+    assert code == 69
+    tcp = str(steps(report)["tcp"]["detail"])  # type: ignore[index]
+    assert "is the app running, and is the port in the URL right?" in tcp, tcp

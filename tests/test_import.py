@@ -142,7 +142,7 @@ def test_unreadable_input_and_bad_settings(tmp_path: Path, clean_env: Dict[str, 
     assert run_import(["--url", "http://127.0.0.1:9", str(tmp_path / "nope.mbox")], {})[0] == 66
     mbox = write_mbox(tmp_path / "in.mbox", [message(0)])
     code, _, err = invoke(["import", str(mbox)], stdin=b"", env={})
-    assert code == 75 and err.startswith("4.3.5 no ingress URL")
+    assert code == 75 and err.startswith("mailbox-relay: error: no ingress URL")
     assert invoke(["import"], stdin=b"", env={})[0] == 64
     assert invoke(["import", "--since", "yesterday", str(mbox)], stdin=b"", env={})[0] == 64
 
@@ -285,6 +285,31 @@ def test_rich_progress_logs_above_the_bar_and_ends_on_the_final_counts() -> None
     text = stream.getvalue()
     assert text.index("mailbox-relay: in.mbox: reading as mbox") < text.index("import")
     assert "20 msgs" in text and "1 failed" in text
+
+
+def test_rich_progress_after_ctrl_c_ends_on_the_bytes_really_done() -> None:
+    import io
+
+    from mailbox_relay.progress import RichProgress, Summary
+
+    stream = io.StringIO()
+    progress = RichProgress(stream)
+    progress.update(Summary(messages=3, delivered=3), 600_000, 1_200_000)
+    progress.update(Summary(messages=3, delivered=3), 610_000, 1_200_000)  # within 0.1 s: not drawn
+    progress.close(Summary(messages=6, delivered=6, interrupted=True))
+    last = stream.getvalue().rstrip().splitlines()[-1]
+    assert "0.6/1.2 MB" in last and "1.2/1.2" not in last, last
+
+
+def test_the_rate_counts_only_messages_this_run_worked_on() -> None:
+    """Already delivered (the journal) and filtered-out messages cost nothing: not in the rate."""
+    import time
+
+    from mailbox_relay.progress import Summary, summary_lines
+
+    summary = Summary(messages=500, already=400, filtered=60, delivered=40, started=time.monotonic() - 10)
+    first = next(iter(summary_lines(summary)))
+    assert first.startswith("500 messages in 10.0s (4/s):"), first
 
 
 def test_verbose_lists_every_setting_and_its_source(tmp_path: Path, clean_env: Dict[str, str]) -> None:

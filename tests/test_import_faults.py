@@ -19,7 +19,7 @@ from pytest_httpserver import HTTPServer
 
 from .corpus import mbox_bytes, message, stored, write_eml_tree, write_maildir, write_mbox
 from .helpers import RELAY_PATH, import_process, invoke, journal_rows, wait_for
-from .peers import Ingress204
+from .peers import Ingress204, free_port
 
 
 def summary(args: List[str], env: Dict[str, str] = {}) -> tuple[int, Dict[str, object]]:  # noqa: B006
@@ -164,6 +164,49 @@ def test_an_answer_every_message_would_get_stops_the_run_early(
     assert journal_rows(state) == 0
 
 
+@pytest.mark.parametrize("app", ["closed port", "unresolvable host"])
+def test_an_app_that_is_not_there_stops_the_run_on_the_first_messages_without_retrying(
+    tmp_path: Path, clean_env: Dict[str, str], state: str, app: str
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}" if app == "closed port" else "https://no-such-app.invalid"
+    mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(200)])
+    # --retry-for 3600: had a message been retried, this run would last an hour.
+    args = ["--url", url, "--state", state, "--retry-for", "3600", "--jobs", "2", "--json", str(mbox)]
+    code, out, err = invoke(["import", *args], env={"MAILBOX_RELAY_PASSWORD": "pw"})
+    report = json.loads(out)
+    assert code == 75, err
+    assert "4.4.1 " in str(report["stopped"]), report
+    assert ("connection refused" if app == "closed port" else "cannot resolve") in str(report["stopped"])
+    assert "attempts over" not in out  # one attempt each: nothing was waited for
+    assert int(report["failed"]) < 200 and report["delivered"] == 0  # type: ignore[call-overload]
+    assert journal_rows(state) == 0
+
+
+def test_an_app_that_answered_once_is_waited_for_when_it_refuses_later(
+    tmp_path: Path, clean_env: Dict[str, str], state: str
+) -> None:
+    """Refused after the app answered is an app restarting: retried within --retry-for."""
+    from mailbox_relay import workers
+    from mailbox_relay.settings import Settings
+
+    port = free_port()
+    workers._Worker.settings = Settings(
+        {"url": f"http://127.0.0.1:{port}", "retry_for": 2.0}, password="pw", environ={}
+    )
+    workers._Worker.pacer = workers.AdaptiveConcurrency(1)
+    workers._Worker.session = None
+    try:
+        workers._Worker.reached = False
+        first, _ = workers.deliver_batch([message(0)])
+        assert "attempts over" not in first[0].detail, first[0].detail
+        workers._Worker.reached = True
+        later, _ = workers.deliver_batch([message(0)])
+        assert "attempts over" in later[0].detail, later[0].detail
+    finally:
+        workers._Worker.reached = False
+        workers._Worker.session = None
+
+
 def test_no_worker_outlives_a_kill_9_of_the_import(tmp_path: Path, clean_env: Dict[str, str]) -> None:
     mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(300)])
     with Ingress204(delay=0.05) as ingress:
@@ -230,7 +273,8 @@ def test_usage_errors_exit_64(tmp_path: Path, clean_env: Dict[str, str]) -> None
     ):
         code, _, err = invoke(["import", *args, mbox], env=env)
         assert code == 64, (args, err)
-        assert "Error:" in err
+        errors = [line for line in err.splitlines() if line.startswith("mailbox-relay: error: ")]
+        assert len(errors) == 1 and "4.3.5" not in err, err
     _, out, _ = invoke(["import", "--help"])
     assert "2024-01-31T12:00" in out  # the date forms --since takes
 

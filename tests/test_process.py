@@ -119,7 +119,7 @@ def test_the_deliver_path_imports_nothing_heavy(clean_env: Dict[str, str], https
         "from mailbox_relay.cli import run\n"
         "code = run(['deliver'])\n"
         "heavy = {'rich', 'tomllib', 'tomli', 'sqlite3', 'http.server', 'mailbox', 'gzip', 'concurrent',\n"
-        "         'multiprocessing', 'mailbox_relay.importer', 'imapclient', 'imaplib',\n"
+        "         'multiprocessing', 'difflib', 'mailbox_relay.importer', 'imapclient', 'imaplib',\n"
         "         'mailbox_relay.cli.import_', 'mailbox_relay.cli.check', 'mailbox_relay.cli.serve',\n"
         "         'mailbox_relay.cli.fetch', 'mailbox_relay.fetching', 'mailbox_relay.imap',\n"
         "         'mailbox_relay.cli.auth', 'mailbox_relay.oauth2'}\n"

@@ -44,7 +44,11 @@ def test_readme_quickstart_delivers_a_message() -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert result.stderr == b""
     listed = result.stdout.decode().splitlines()
-    assert listed[0] == "delivered; serve stored:" and len(listed) == 2
+    said = re.fullmatch(
+        r"delivered; serve stored in (\S+)/Maildir/new \(removed when this script ends\):", listed[0]
+    )
+    assert said and len(listed) == 2, listed
+    assert "mailbox-relay-try." in said.group(1) and not os.path.exists(said.group(1))
 
 
 def test_the_quickstart_fails_loudly_when_delivery_fails(tmp_path: Path) -> None:
@@ -103,3 +107,37 @@ def test_every_contrib_example_says_what_it_needs_and_agrees_on_the_install() ->
                 assert "/usr/local/bin/mailbox-relay deliver" in line, (path.name, line)
         if "multidrop" not in path.name:  # only there is %T an address (to * here, localdomains)
             assert "%T" not in "".join(line for line in text.splitlines() if not line.startswith("#"))
+
+
+def test_the_leftover_check_sees_what_a_test_leaves(nothing_left_behind: str) -> None:
+    """The session's check (conftest.py) would fail on a file left in TMPDIR or the repository."""
+    import tempfile
+
+    assert tempfile.gettempdir() != nothing_left_behind  # this process's own stays apart
+    from .conftest import repo_leftovers, temp_leftovers
+
+    assert os.environ["TMPDIR"] == nothing_left_behind
+    before = repo_leftovers()
+    inbox = ROOT / "mailbox-relay-inbox-leftover-probe"
+    inbox.mkdir()  # empty, as serve's Maildir was: git would not list it
+    stray = Path(nothing_left_behind) / "mailbox-relay-try.probe"
+    stray.mkdir()
+    try:
+        assert repo_leftovers() - before == {inbox.name}
+        assert temp_leftovers(nothing_left_behind) == [stray.name]
+    finally:
+        inbox.rmdir()
+        stray.rmdir()
+    assert repo_leftovers() == before and temp_leftovers(nothing_left_behind) == []
+
+
+def test_readme_links_are_absolute_and_name_files_that_exist() -> None:
+    """PyPI shows the README without the repository: relative links would break there."""
+    base = "https://github.com/mailbox-relay/mailbox-relay/"
+    links = re.findall(r"\]\(([^)]+)\)", README)
+    assert links
+    for link in links:
+        assert link.startswith(("https://", "#")), link
+        if link.startswith(base):
+            path = link[len(base) :].split("/", 2)[2]  # blob/main/PATH or tree/main/PATH
+            assert (ROOT / path).exists(), link

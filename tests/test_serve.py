@@ -187,7 +187,10 @@ def test_deliver_command_into_serve(serve: LocalServe, clean_env: Dict[str, str]
     assert wrong.returncode == 75 and wrong.stderr.startswith(b"4.7.0 ")
 
 
-def test_the_serve_command_starts_logs_and_stops_on_ctrl_c(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_the_serve_command_starts_logs_and_stops_on_ctrl_c_or_sigterm(
+    tmp_path: Path, clean_env: Dict[str, str], stop: signal.Signals
+) -> None:
     port = free_port()
     maildir = tmp_path / "inbox"
     process = serve_process(
@@ -199,9 +202,9 @@ def test_the_serve_command_starts_logs_and_stops_on_ctrl_c(tmp_path: Path, clean
     url = f"http://127.0.0.1:{port}{PATH}"
     assert requests.post(url, data=MESSAGE, auth=AUTH, headers=RFC822, timeout=10).status_code == 204
     assert b" 204 " in process.stderr.readline()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     assert process.wait(timeout=10) == 0
-    assert b"stopped" in process.stderr.read()
+    assert process.stderr.read().decode().splitlines() == ["mailbox-relay: stopped"]
     assert [path.read_bytes() for path in (maildir / "new").iterdir()] == [MESSAGE]
 
 
@@ -236,6 +239,16 @@ def test_serve_says_when_the_port_is_taken(
     )
     assert result.returncode == 69
     assert f"cannot listen on 127.0.0.1:{serve.port}".encode() in result.stderr
+    assert not (tmp_path / "m").exists()
+    # Nor the default Maildir, in the current directory.
+    default = subprocess.run(
+        [sys.executable, "-m", "mailbox_relay", "serve", "--port", str(serve.port)],
+        env={**clean_env, "MAILBOX_RELAY_PASSWORD": "pw"},
+        capture_output=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert default.returncode == 69 and not (tmp_path / "mailbox-relay-inbox").exists()
 
 
 def test_serve_reads_its_password_from_a_file(tmp_path: Path, clean_env: Dict[str, str]) -> None:
@@ -337,7 +350,8 @@ def test_a_maildir_under_a_regular_file_is_named(tmp_path: Path, clean_env: Dict
         timeout=30,
     )
     assert result.returncode == 73
-    assert result.stderr.decode().startswith(f"mailbox-relay: cannot use {blocker / 'inbox'} as a Maildir")
+    expected = f"mailbox-relay: error: cannot use {blocker / 'inbox'} as a Maildir"
+    assert result.stderr.decode().startswith(expected)
     assert b"listen" not in result.stderr
 
 

@@ -14,12 +14,12 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 import click
 
 from mailbox_relay import __version__
-from mailbox_relay.log import flush_or_mute, say, to_stderr
+from mailbox_relay.log import flush_or_mute, say, to_stderr, to_stderr_error
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, exit_code, internal_error
 from mailbox_relay.settings import CONFIG, EXIT_CODES, Layers, PasswordFileWarning, open_layers
 
@@ -46,6 +46,14 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> List[str]:
         return list(COMMANDS)
 
+    def resolve_command(
+        self, ctx: click.Context, args: List[str]
+    ) -> Tuple[Optional[str], Optional[click.Command], List[str]]:
+        name = args[0] if args else ""
+        if name not in COMMANDS and not name.startswith("-") and not ctx.resilient_parsing:
+            raise click.UsageError(_no_such_command(name), ctx=ctx)
+        return super().resolve_command(ctx, args)
+
     def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
         if name not in COMMANDS:
             return None
@@ -61,7 +69,44 @@ class LazyGroup(click.Group):
 )
 @click.version_option(__version__, prog_name="mailbox-relay")
 def cli() -> None:
-    """Move email into a Rails app's Action Mailbox relay ingress, safely."""
+    """Move email into a Rails app's Action Mailbox relay ingress, safely.
+
+    `mailbox-relay COMMAND --help` shows a command's options and exit codes.
+
+    A usage error exits 75, a temporary failure (111 with --exit-codes qmail), not 64, when it is
+    made at the top level (no command, an unknown command) or in the command deliver: a typo in a
+    master.cf or getmailrc line must defer mail, not bounce it. The other commands exit 64 on a
+    usage error.
+    """
+
+
+def _no_such_command(name: str) -> str:
+    """Unknown command, with the nearest ones (`imprt` -> import) if any."""
+    import difflib  # only for a mistyped command: deliver never pays for it
+
+    close = difflib.get_close_matches(name, list(COMMANDS), n=2, cutoff=0.6)
+    if close:
+        return f"no such command {name!r} (did you mean {_either(close)}?)"
+    return f"no such command {name!r}"
+
+
+def _either(names: Sequence[str]) -> str:
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def usage_text(error: click.ClickException) -> str:
+    """click's message as one line of ours: lower case first word, no final full stop, and a
+    "did you mean" for a mistyped option."""
+    if isinstance(error, click.NoSuchOption):
+        text = f"no such option {error.option_name!r}"
+        if error.possibilities:
+            text += f" (did you mean {_either(sorted(error.possibilities))}?)"
+        return text
+    text = error.format_message().strip().rstrip(".")
+    if text[:2].isalpha() and text[0].isupper() and text[1].islower():
+        text = text[0].lower() + text[1:]
+    return text
 
 
 def exit_style(args: Sequence[str], environ: Mapping[str, str]) -> str:
@@ -97,19 +142,34 @@ def _last_value(args: Sequence[str], flag: str) -> Optional[str]:
     return value
 
 
-def _command_name(error: click.ClickException) -> str:
+def _command_name(error: click.ClickException, args: Sequence[str]) -> str:
+    """The command whose usage was wrong ("" for mailbox-relay itself). click leaves some errors
+    without a context (an option missing its value): then the first argument names it."""
     ctx = getattr(error, "ctx", None)
-    return (ctx.info_name or "") if ctx is not None and ctx.parent is not None else ""
+    if ctx is not None:
+        return (ctx.info_name or "") if ctx.parent is not None else ""
+    first = next((arg for arg in args if not arg.startswith("-")), "")
+    return first if first in COMMANDS else ""
 
 
-def _usage_error(error: click.ClickException, args: Sequence[str]) -> Any:
-    """A person gets click's usage text and 64; an MTA gets one line and a temporary failure."""
-    command = _command_name(error)
+def _usage_error(error: click.ClickException, args: Sequence[str], environ: Mapping[str, str]) -> Any:
+    """One line each. A person's command exits 64. deliver and mailbox-relay itself may be an
+    MTA's pipe, where 64 bounces: a temporary failure, which the line says (deliver's leads with
+    the enhanced status code Postfix reads)."""
+    command = _command_name(error, args)
+    where = f"`mailbox-relay {command} --help`" if command else "`mailbox-relay --help`"
+    text = f"{usage_text(error)}; see {where}"
     if command in FOR_PEOPLE:
-        error.show()
+        to_stderr_error(text)
         return Exit.USAGE
-    where = f"mailbox-relay {command} --help" if command else "mailbox-relay --help"
-    return _said(Outcome(Reason.CONFIG, f"usage error: {error.format_message().rstrip('.')}; see {where}"))
+    outcome = Outcome(Reason.CONFIG, f"usage error: {text}")
+    code = int(exit_code(outcome, exit_style(args, environ)))
+    kept = f"exit {code}, temporary, so a mail program that ran this keeps the message"
+    if command:  # deliver: an MTA reads this line
+        say(f"{outcome.line()} ({kept})")
+    else:
+        to_stderr_error(f"{text} ({kept})")
+    return outcome
 
 
 def _said(outcome: Outcome) -> Outcome:
@@ -131,7 +191,7 @@ def run(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] =
     try:
         result = cli.main(args=args, prog_name="mailbox-relay", standalone_mode=False)
     except click.ClickException as error:
-        result = _usage_error(error, args)
+        result = _usage_error(error, args, environ)
     except click.exceptions.Abort:
         result = _said(Outcome(Reason.INTERRUPTED, "interrupted; nothing was delivered"))
     except Exception as error:  # the last boundary: a crash is temporary, never exit 1

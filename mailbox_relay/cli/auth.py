@@ -7,11 +7,19 @@ from typing import Any, Optional
 
 import click
 
-from mailbox_relay.cli.options import config_option, usage_errors
-from mailbox_relay.log import say, to_stderr
+from mailbox_relay.cli.options import config_option, exit_codes_help, usage_errors
+from mailbox_relay.log import say, to_stderr, to_stderr_error
 from mailbox_relay.outcome import Exit
 
-AUTH_HELP = """Sign in to an IMAP account's OAuth2 provider once, and store the grant.
+EXITS = (
+    (Exit.OK, "the grant is saved"),
+    (Exit.NOPERM, "the sign-in was declined"),
+    (Exit.TEMPFAIL, "no sign-in in time, or the provider could not be reached: run it again"),
+    (Exit.CONFIG, "the account's OAuth2 settings are wrong (the line says which)"),
+    (Exit.USAGE, "usage error"),
+)
+
+AUTH_HELP = f"""Sign in to an IMAP account's OAuth2 provider once, and store the grant.
 
 ACCOUNT is an [accounts.NAME] table with auth = "xoauth2" and oauth2_client_id. The grant (a
 refresh token) is saved in a 0600 file, oauth2_token_file (default:
@@ -26,14 +34,7 @@ Two flows, both usable over SSH on a headless mail host:
             Gmail). On a headless host, forward the port first:
             ssh -L 8765:127.0.0.1:8765 mailhost, then auth ACCOUNT --port 8765
 
-\b
-Exit codes:
-   0  the grant is saved
-  77  the sign-in was declined
-  75  no sign-in in time, or the provider could not be reached: run it again
-  78  the account's OAuth2 settings are wrong (the line says which)
-  64  usage error
-"""
+{exit_codes_help(EXITS)}"""
 
 # What each TokenProblem kind means for auth's exit code.
 _CODES = {"denied": Exit.NOPERM, "timeout": Exit.TEMPFAIL, "network": Exit.TEMPFAIL}
@@ -52,6 +53,7 @@ _CODES = {"denied": Exit.NOPERM, "timeout": Exit.TEMPFAIL, "network": Exit.TEMPF
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
+    metavar="PORT",
     default=0,
     show_default=True,
     help="Loopback flow: the port on 127.0.0.1 to listen on (0: any free port; fix one to forward it).",
@@ -60,6 +62,7 @@ _CODES = {"denied": Exit.NOPERM, "timeout": Exit.TEMPFAIL, "network": Exit.TEMPF
     "--wait",
     "wait_seconds",
     type=click.FloatRange(1, 3600),
+    metavar="SECONDS",
     default=300,
     show_default=True,
     help="How long to wait for the sign-in, in seconds.",
@@ -86,10 +89,10 @@ def auth(account: str, flow: Optional[str], port: int, wait_seconds: float, **op
             answer = oauth2.loopback_flow(chosen, say, port, wait_seconds)
         token = oauth2.store_first_grant(chosen, answer)
     except oauth2.TokenProblem as problem:
-        to_stderr(problem.line)
+        to_stderr_error(problem.line)
         return _CODES.get(problem.kind, Exit.CONFIG)
     except RelayError as error:  # the config file, the client secret file, the grant file
-        to_stderr(error.outcome.detail)
+        to_stderr_error(error.outcome.detail)
         return Exit.CONFIG
     except KeyboardInterrupt:
         to_stderr(f"interrupted; nothing was saved: run `mailbox-relay auth {account}` again")

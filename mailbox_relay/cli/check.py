@@ -8,30 +8,34 @@ from typing import Any, Tuple
 
 import click
 
-from mailbox_relay.cli.options import settings_options, usage_errors
+from mailbox_relay.cli.options import exit_codes_help, settings_options, usage_errors
 from mailbox_relay.log import mute, nowhere, say, to_stderr
 from mailbox_relay.outcome import Exit
 from mailbox_relay.settings import CONNECTION
 
-HELP = """Check that delivery would work, step by step, without creating an inbound email.
+EXITS = (
+    (Exit.OK, "ready"),
+    (Exit.NOPERM, "password rejected (401/403)"),
+    (Exit.CONFIG, "configuration: wrong path (404), redirect, missing URL/password, plain http"),
+    (Exit.UNAVAILABLE, "unreachable, TLS failure, timeout or 5xx (or check itself failed unexpectedly)"),
+    (Exit.USAGE, "usage error (a wrong option or option value)"),
+)
+
+HELP = f"""Check that delivery would work, step by step, without creating an inbound email.
 
 Reports the settings (and where each came from), DNS, TCP, TLS (version, certificate,
 expiry), then posts with the right password and a deliberately wrong Content-Type: Action
 Mailbox answers 415 to that only when the URL, the relay ingress and the password are all
 right, and stores nothing.
 
-\b
-Exit codes (for people and monitoring):
-   0  ready
-  77  password rejected (401/403)
-  78  configuration: wrong path (404), redirect, missing URL/password, plain http
-  69  unreachable, TLS failure, timeout or 5xx (or check itself failed unexpectedly)
-  64  usage error (a wrong option or option value)
-"""
+{exit_codes_help(EXITS, "Exit codes (for people and monitoring)")}"""
 
 
 @click.command(help=HELP, short_help="Diagnose the settings and the ingress without creating anything.")
-@settings_options(CONNECTION)
+@settings_options(
+    CONNECTION,
+    verbose="Log every setting and where it came from to stderr, before the report. Never logs the password.",
+)
 @click.option(
     "--account",
     "accounts",

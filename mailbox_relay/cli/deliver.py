@@ -27,6 +27,9 @@ Exit codes:           sysexits   qmail
   invalid message           65     100   permanent: the caller bounces it
   anything else             75     111   temporary: the caller keeps it and retries
 
+"Anything else" includes usage errors: a typo in a master.cf or getmailrc line must defer
+mail, not bounce it (MTAs bounce 64).
+
 On failure one line on stderr says what to do next, led by an enhanced status code
 (4.x.x or 5.x.x) that Postfix uses.
 
@@ -40,7 +43,13 @@ Example (getmail MDA_external, Postfix pipe, fetchmail mda):
 @click.command(
     help=HELP, short_help="One message from stdin (getmail, fetchmail, procmail, Postfix, Exim, qmail)."
 )
-@settings_options(CONNECTION, DELIVERY, DELIVER)
+@settings_options(
+    CONNECTION,
+    DELIVERY,
+    DELIVER,
+    verbose="Log every setting and where it came from, and each attempt, to stderr (also on "
+    "success, which is otherwise silent). Never logs the password.",
+)
 @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
 def deliver(file: Optional[str], verbose: bool, **options: Any) -> Outcome:
     from mailbox_relay.deliver import deliver as deliver_message

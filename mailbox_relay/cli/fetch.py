@@ -8,10 +8,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from mailbox_relay.cli.options import config_option, settings_options, usage_errors
-from mailbox_relay.log import nowhere, say, to_stderr
+from mailbox_relay.cli.options import exit_codes_help, field_options, settings_options, usage_errors
+from mailbox_relay.log import nowhere, say, to_stderr, to_stderr_error
 from mailbox_relay.outcome import Exit
-from mailbox_relay.settings import CONNECTION, DELIVERY, FETCH
+from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FETCH, FetchSettings
 
 ACCOUNTS = """
 IMAP accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
@@ -50,13 +50,20 @@ Exit codes:
   64  usage error
 """
 
-STATUS_HELP = """Show, per account and folder, what fetch and watch have done (from the state file).
+STATUS_EXITS = (
+    (Exit.OK, "shown (also when nothing was fetched yet)"),
+    (Exit.CONFIG, "the config file, an account named with --account, or the state file is unusable"),
+    (Exit.USAGE, "usage error"),
+)
+
+STATUS_HELP = f"""Show, per account and folder, what fetch and watch have done (from the state file).
 
 Last successful sync, delivered / failed / quarantined / invalid counts, the last error (IMAP,
 token, password command, state or ingress) and when it happened, and whether a watch is
 connected now: only while its last round-trip with the server is fresh (2 x idle_refresh +
 timeout), not merely while its process exists. Changes nothing.
-"""
+
+{exit_codes_help(STATUS_EXITS)}"""
 
 _ACCOUNT = click.option(
     "--account",
@@ -69,7 +76,13 @@ _ACCOUNT = click.option(
 
 @click.command(help=FETCH_HELP, short_help="Fetch new IMAP mail once (cron, systemd timers).")
 @_ACCOUNT
-@settings_options(CONNECTION, DELIVERY, FETCH)
+@settings_options(
+    CONNECTION,
+    DELIVERY,
+    FETCH,
+    verbose="Log every setting and where it came from, each account's settings, and each message "
+    "found, delivered or failed, to stderr. Never logs a password or token.",
+)
 @click.option(
     "--retry-quarantined", is_flag=True, help="Give quarantined messages a fresh set of tries first."
 )
@@ -101,7 +114,7 @@ def fetch(
                 context, log=to_stderr, events=to_stderr if verbose else nowhere, stopping=lambda: bool(stop)
             )
     except RelayError as error:
-        say(error.outcome.line())
+        to_stderr_error(error.outcome.detail)
         return Exit.TEMPFAIL
     if as_json:
         import json
@@ -126,7 +139,13 @@ def _release(context: Any) -> None:
 
 @click.command(help=WATCH_HELP, short_help="Deliver IMAP mail as it arrives (IDLE), reconnecting forever.")
 @_ACCOUNT
-@settings_options(CONNECTION, DELIVERY, FETCH)
+@settings_options(
+    CONNECTION,
+    DELIVERY,
+    FETCH,
+    verbose="Log every setting and where it came from, and each account's settings, to stderr at "
+    "start. Never logs a password or token.",
+)
 def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
     from mailbox_relay.fetching import open_context
     from mailbox_relay.outcome import RelayError
@@ -137,7 +156,7 @@ def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
             context = open_context(options, os.environ, accounts)
             context.open_state().close()  # an unusable state file is a setting to fix: say it now
     except RelayError as error:
-        say(error.outcome.line())
+        to_stderr_error(error.outcome.detail)
         return Exit.CONFIG
     if verbose:
         for line in context.describe():
@@ -149,8 +168,7 @@ def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
 
 @click.command(help=STATUS_HELP, short_help="What fetch and watch have done, per account and folder.")
 @_ACCOUNT
-@settings_options(FETCH)
-@config_option
+@field_options(FetchSettings.fetch_state, CONFIG)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
 def status(accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
     from mailbox_relay.fetching import folder_status
@@ -160,7 +178,7 @@ def status(accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
         with usage_errors():
             rows, path = folder_status(options, os.environ, accounts)
     except RelayError as error:
-        say(error.outcome.line())
+        to_stderr_error(error.outcome.detail)
         return Exit.CONFIG
     if as_json:
         import json

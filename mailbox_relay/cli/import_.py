@@ -9,12 +9,24 @@ from typing import Any, List, Optional
 
 import click
 
-from mailbox_relay.cli.options import settings_options, usage_errors
-from mailbox_relay.log import nowhere, say, to_stderr
+from mailbox_relay.cli.options import exit_codes_help, settings_options, usage_errors
+from mailbox_relay.log import nowhere, say, to_stderr, to_stderr_error
 from mailbox_relay.outcome import Exit
 from mailbox_relay.settings import CONNECTION, DELIVERY, IMPORT
 
-HELP = """Import mbox files (optionally .gz), Maildirs and trees of .eml files.
+EXITS = (
+    (Exit.OK, "nothing left undelivered"),
+    (
+        Exit.TEMPFAIL,
+        "some messages failed for a reason that may pass, the run was interrupted, or it "
+        "stopped early (fix the cause, run the same command again)",
+    ),
+    (Exit.NOINPUT, "an input or a message could not be read (and nothing failed otherwise)"),
+    (Exit.DATAERR, "some messages are invalid (and nothing else went wrong)"),
+    (Exit.USAGE, "usage error (a wrong option or value, an unwritable --state or --failed-dir)"),
+)
+
+HELP = f"""Import mbox files (optionally .gz), Maildirs and trees of .eml files.
 
 Each PATH is detected as an mbox file (starts with a From_ line; an empty file is an empty
 mbox), a Maildir (has cur/ and new/; flags are ignored), a single .eml message, or a
@@ -27,15 +39,7 @@ failures resumes: it sends only what is not yet delivered, and a completed rerun
 nothing. Inputs are never modified. An unreadable message or a damaged input is counted and
 the run goes on; an answer every message would get (401, 404, TLS, ...) stops it early.
 
-\b
-Exit codes:
-   0  nothing left undelivered
-  75  some messages failed for a reason that may pass, the run was interrupted, or it
-      stopped early (fix the cause, run the same command again)
-  66  an input or a message could not be read (and nothing failed otherwise)
-  65  some messages are invalid (and nothing else went wrong)
-  64  usage error (a wrong option or value, an unwritable --state or --failed-dir)
-"""
+{exit_codes_help(EXITS)}"""
 
 
 def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[datetime]:
@@ -50,7 +54,13 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
 @click.command(
     name="import", help=HELP, short_help="mbox files, Maildirs and .eml trees, resumably and fast."
 )
-@settings_options(CONNECTION, DELIVERY, IMPORT)
+@settings_options(
+    CONNECTION,
+    DELIVERY,
+    IMPORT,
+    verbose="Log every setting and where it came from, and each attempt that is retried, to stderr. "
+    "Never logs the password.",
+)
 @click.option("--no-state", is_flag=True, help="Keep no journal: a rerun sends everything again.")
 @click.option("--restart", is_flag=True, help="Forget earlier progress for these inputs first.")
 @click.option("--dry-run", is_flag=True, help="Read, split and validate everything; send nothing.")
@@ -131,10 +141,10 @@ def import_(
                 verbose=verbose,
             )
     except RelayError as error:
-        say(error.outcome.line())
+        to_stderr_error(error.outcome.detail)
         return Exit.TEMPFAIL
     except NotASource as error:
-        to_stderr(str(error))
+        to_stderr_error(str(error))
         return Exit.NOINPUT
     if as_json:
         import json

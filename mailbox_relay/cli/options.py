@@ -7,11 +7,11 @@ value is validated once, the same way whether it came from an option, the enviro
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import click
 
-from mailbox_relay.outcome import UsageError
+from mailbox_relay.outcome import Exit, UsageError
 from mailbox_relay.settings import CONFIG, CONNECTION, FIELDS, PASSWORD_ENV, Field, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,13 +44,23 @@ _PASSWORD_REFUSED = click.option(
     "--password", hidden=True, expose_value=False, callback=_refuse_password_on_argv
 )
 
-_VERBOSE = click.option(
-    "-v",
-    "--verbose",
-    is_flag=True,
-    help="Log every setting and where it came from (and, for deliver, each attempt) to stderr. "
-    "Never logs the password.",
-)
+VERBOSE_HELP = "Log every setting and where it came from to stderr. Never logs the password."
+
+
+def _verbose(help_text: str) -> Callable[[F], F]:
+    return click.option("-v", "--verbose", is_flag=True, help=help_text)
+
+
+def exit_codes_help(rows: Sequence[Tuple[Exit, str]], title: str = "Exit codes") -> str:
+    """A command's exit-code table for its --help: the numbers from `Exit`, one row each."""
+    import textwrap  # only the help of the commands people run: deliver never pays for it
+
+    lines = ["\b", f"{title}:"]
+    for code, meaning in rows:
+        first, *rest = textwrap.wrap(meaning, 80)
+        lines.append(f"  {int(code):>2}  {first}")
+        lines += [f"      {line}" for line in rest]
+    return "\n".join(lines) + "\n"
 
 
 def _apply(decorators: Sequence[Callable[[Any], Any]], command: F) -> F:
@@ -59,15 +69,25 @@ def _apply(decorators: Sequence[Callable[[Any], Any]], command: F) -> F:
     return command
 
 
-def settings_options(*groups: str) -> Callable[[F], F]:
-    """The options of every field in these groups (settings.CONNECTION, DELIVERY, ...), in order."""
+def settings_options(*groups: str, verbose: str = VERBOSE_HELP) -> Callable[[F], F]:
+    """The options of every field in these groups (settings.CONNECTION, DELIVERY, ...), in order;
+    with CONNECTION also -v, whose help (`verbose`) says what it logs for this command."""
 
     def decorate(command: F) -> F:
         fields = [field for group in groups for field in FIELDS.values() if field.group == group]
         decorators = [field_option(field) for field in fields]
         if CONNECTION in groups:
-            decorators += [_PASSWORD_REFUSED, _VERBOSE]
+            decorators += [_PASSWORD_REFUSED, _verbose(verbose)]
         return _apply(decorators, command)
+
+    return decorate
+
+
+def field_options(*fields: Field[Any]) -> Callable[[F], F]:
+    """The options of just these fields (status: --fetch-state and --config, nothing it ignores)."""
+
+    def decorate(command: F) -> F:
+        return _apply([field_option(field) for field in fields], command)
 
     return decorate
 

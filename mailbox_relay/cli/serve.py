@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import click
 
-from mailbox_relay.cli.options import password_options, usage_errors
+from mailbox_relay.cli.options import exit_codes_help, password_options, usage_errors
 from mailbox_relay.ingress.formats import INGRESSES
-from mailbox_relay.log import to_stderr
+from mailbox_relay.log import to_stderr, to_stderr_error
 from mailbox_relay.outcome import Exit
 
-HELP = """Run a local ingress that answers exactly like Action Mailbox's.
+EXITS = (
+    (Exit.OK, "stopped with Ctrl-C or SIGTERM"),
+    (Exit.CONFIG, "no password"),
+    (Exit.CANTCREAT, "the Maildir cannot be created"),
+    (Exit.UNAVAILABLE, "cannot listen on --host/--port"),
+    (Exit.USAGE, "usage error"),
+)
+
+HELP = f"""Run a local ingress that answers exactly like Action Mailbox's.
 
 POST /rails/action_mailbox/relay/inbound_emails with Basic auth (user actionmailbox) and
 Content-Type message/rfc822 gets 204 and the exact bytes land in the Maildir (tmp/, fsync,
@@ -29,26 +38,29 @@ instead, on its path, as Rails' controller does: Basic auth (postmark, sendgrid)
 signature made with the password as signing key (mailgun) or API key (mandrill); the raw
 message from RawEmail, email, body-mime or each inbound event's raw_msg.
 
-\b
-Exit codes:
-   0  stopped with Ctrl-C
-  78  no password
-  73  the Maildir cannot be created
-  69  cannot listen on --host/--port
-  64  usage error
-"""
+{exit_codes_help(EXITS)}"""
 
 
 @click.command(
     help=HELP, short_help="A local relay ingress that answers like Action Mailbox, into a Maildir."
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=3025, show_default=True, type=click.IntRange(0, 65535), help="Port.")
+@click.option(
+    "--host", metavar="ADDRESS", default="127.0.0.1", show_default=True, help="Address to listen on."
+)
+@click.option(
+    "--port",
+    metavar="PORT",
+    default=3025,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free port).",
+)
 @click.option(
     "--maildir",
     default="mailbox-relay-inbox",
     show_default=True,
     type=click.Path(file_okay=False),
+    metavar="DIR",
     help="Maildir to store accepted messages in (created if missing).",
 )
 @click.option(
@@ -62,8 +74,9 @@ Exit codes:
 def serve(host: str, port: int, maildir: str, ingress: str, **options: Any) -> Exit:
     from mailbox_relay.maildir import MaildirWriter
     from mailbox_relay.outcome import ConfigError
-    from mailbox_relay.server import make_server
+    from mailbox_relay.server import answer, listen
     from mailbox_relay.settings import open_layers
+    from mailbox_relay.signals import stop_signals
 
     try:
         with usage_errors():
@@ -71,26 +84,39 @@ def serve(host: str, port: int, maildir: str, ingress: str, **options: Any) -> E
         if password is None:
             raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
     except ConfigError as error:
-        to_stderr(error.outcome.detail)
+        to_stderr_error(error.outcome.detail)
         return Exit.CONFIG
-    try:
-        inbox = MaildirWriter(maildir)
+    try:  # listen first: a server that cannot run creates no Maildir
+        server = listen(host, port, to_stderr)
     except OSError as error:
-        to_stderr(f"cannot use {maildir} as a Maildir: {error.strerror or error}; pass --maildir DIR")
-        return Exit.CANTCREAT
-    try:
-        server = make_server(host, port, password, inbox, to_stderr, INGRESSES[ingress])
-    except OSError as error:
-        to_stderr(f"cannot listen on {host}:{port}: {error.strerror}")
+        why = error.strerror or str(error)
+        to_stderr_error(f"cannot listen on {host}:{port}: {why}; is another server there? Pass --port")
         return Exit.UNAVAILABLE
-    bound = server.server_address[1]
-    path = INGRESSES[ingress].path
-    where = f"http://{host}:{bound}{path}"
-    to_stderr(f"listening on {where}, as the {ingress} ingress, storing into {maildir}/new (Ctrl-C stops)")
     try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
+        try:
+            inbox = MaildirWriter(maildir)
+        except OSError as error:
+            why = error.strerror or str(error)
+            to_stderr_error(f"cannot use {maildir} as a Maildir: {why}; pass --maildir DIR")
+            return Exit.CANTCREAT
+        answer(server, password, inbox, INGRESSES[ingress])
+        bound = server.server_address[1]
+        where = f"http://{host}:{bound}{INGRESSES[ingress].path}"
+        to_stderr(
+            f"listening on {where}, as the {ingress} ingress, storing into {maildir}/new "
+            "(Ctrl-C or SIGTERM stops)"
+        )
+        with stop_signals(_stop), contextlib.suppress(_Stopped):
+            server.serve_forever(poll_interval=0.2)
         to_stderr("stopped")
     finally:
         server.server_close()
     return Exit.OK
+
+
+class _Stopped(Exception):
+    """Ctrl-C or SIGTERM: leave serve_forever and say `stopped` (exit 0), as watch does."""
+
+
+def _stop() -> None:
+    raise _Stopped

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, List, Optional
 
 import requests
 
-from mailbox_relay.endpoint import RELAY_PATH, Endpoint
+from mailbox_relay.endpoint import RELAY_PATH, UNREACHABLE_HINT, Endpoint, plain_http_hint
 from mailbox_relay.ingress.formats import RELAY, Ingress
 from mailbox_relay.outcome import DELIVERED, Outcome, Reason
 
@@ -163,6 +163,9 @@ def classify_error(error: requests.RequestException, endpoint: Endpoint, timeout
     url = endpoint.url
     causes = list(_causes(error))
     if isinstance(error, requests.exceptions.SSLError):
+        plain = next((hint for hint in map(plain_http_hint, causes) if hint), "")
+        if plain:
+            return Outcome(Reason.TLS, f"TLS with {where} failed ({_last_words(causes)}){plain}")
         return Outcome(
             Reason.TLS,
             f"TLS with {where} failed ({_last_words(causes)}): fix the server's certificate, or "
@@ -181,7 +184,7 @@ def classify_error(error: requests.RequestException, endpoint: Endpoint, timeout
     if any(isinstance(cause, ConnectionRefusedError) for cause in causes):
         return Outcome(
             Reason.UNREACHABLE,
-            f"connection refused by {where}: is the app running, and is the port in the URL right?",
+            f"connection refused by {where}: {UNREACHABLE_HINT}",
         )
     if any(isinstance(cause, socket.gaierror) for cause in causes):
         return Outcome(

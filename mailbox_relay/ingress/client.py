@@ -251,11 +251,14 @@ def post_with_retry(
     backoff: Optional[Backoff] = None,
     log: Log = nowhere,
     pacer: Optional[Pacer] = None,
+    wait_for_app: bool = True,
 ) -> Outcome:
     """Post until delivered, a non-retryable answer, or the --retry-for budget is spent.
 
     The budget bounds when the last attempt may start; that attempt may take up to --timeout.
-    Time spent waiting for the pacer does not count against the budget.
+    Time spent waiting for the pacer does not count against the budget. Without `wait_for_app`
+    an app that cannot be reached at all (connection refused, a name that does not resolve) is
+    not retried: import's first messages say at once that the app is not running.
     """
     refusal = _cannot_carry(settings, prepared)
     if refusal is not None:
@@ -273,6 +276,8 @@ def post_with_retry(
         if pacer is not None:
             pacer.after(outcome)
         if outcome.delivered or not outcome.reason.retry:
+            return outcome.after(attempt, clock.now() - started)
+        if not wait_for_app and outcome.reason is Reason.UNREACHABLE:
             return outcome.after(attempt, clock.now() - started)
         # The server's Retry-After, but never less than our own backoff: "Retry-After: 0" or a
         # date in the past must not turn the loop into a flood of posts.
