@@ -154,8 +154,8 @@ Synced = FrozenSet[Tuple[str, str]]  # (account, folder) pairs the fetch state a
 
 def _synced_folders(layers: Any, environ: Mapping[str, str]) -> Synced:
     """The (account, folder) pairs fetch or watch have synced, read without creating anything."""
-    from mailbox_relay.fetchstate import default_path, synced_folders
     from mailbox_relay.settings import FetchSettings
+    from mailbox_relay.state.folders import default_path, synced_folders
 
     return synced_folders(FetchSettings.resolve(layers).fetch_state or default_path(environ))
 
@@ -164,7 +164,7 @@ def _check_account(
     report: Report, account: Account, synced: FrozenSet[Tuple[str, str]] = frozenset()
 ) -> bool:
     """DNS, TCP, TLS, login, capabilities, then each folder EXAMINEd: read-only, changes nothing."""
-    from mailbox_relay.imap import ImapProblem, capabilities, close, login, open_connection
+    from mailbox_relay.sources.imap import ImapProblem, capabilities, close, login, open_connection
 
     if not _resolve(report, account.host, account.port, "imap dns"):
         return False
@@ -208,7 +208,7 @@ def _check_account(
 
 def _oauth2_token(report: Report, account: Account) -> bool:
     """A new access token, which proves the stored grant (or the token command) still works."""
-    from mailbox_relay.oauth2 import TokenProblem, token_source
+    from mailbox_relay.sources.oauth2 import TokenProblem, token_source
 
     try:
         token = token_source(account).renew()
@@ -246,7 +246,7 @@ def _examine(report: Report, client: Any, account: Account, name: str, first: bo
     slow meanwhile is the network's (69), as at login."""
     from imapclient.exceptions import IMAPClientError
 
-    from mailbox_relay.imap import ImapProblem, folder_refused
+    from mailbox_relay.sources.imap import ImapProblem, folder_refused
 
     step = f"folder {name}"
     try:
@@ -268,7 +268,7 @@ def _examine(report: Report, client: Any, account: Account, name: str, first: bo
 
 
 def _left_alone_line(count: int, start: str) -> str:
-    from mailbox_relay.fetcher import left_alone_line
+    from mailbox_relay.fetch.rules import left_alone_line
 
     return left_alone_line(count, start)
 

@@ -16,13 +16,13 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import pytest
 
-from mailbox_relay import fetchstate
 from mailbox_relay.accounts import After, parse_account
-from mailbox_relay.fetcher import FolderSync
-from mailbox_relay.fetchstate import FetchState, FolderBusy, FolderLock
-from mailbox_relay.imap import FolderInfo
+from mailbox_relay.fetch.rules import FolderSync
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import DELIVERED, Outcome
+from mailbox_relay.sources.imap import FolderInfo
+from mailbox_relay.state import folders as fetchstate
+from mailbox_relay.state.folders import FetchState, FolderBusy, FolderLock
 
 from .helpers import invoke
 
@@ -165,7 +165,7 @@ def test_a_lock_held_by_another_process_is_released_when_it_dies(tmp_path: Path)
         [
             sys.executable,
             "-c",
-            "import sys, time; from mailbox_relay.fetchstate import FolderLock; "
+            "import sys, time; from mailbox_relay.state.folders import FolderLock; "
             f"FolderLock({path!r}, 'box', 'INBOX').acquire(0); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -16,11 +16,11 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import pytest
 
 from mailbox_relay.accounts import After, parse_account
-from mailbox_relay.fetcher import FolderSync
-from mailbox_relay.fetchstate import FetchState
-from mailbox_relay.imap import FolderInfo
+from mailbox_relay.fetch.rules import FolderSync
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import DELIVERED, Outcome, Reason
+from mailbox_relay.sources.imap import FolderInfo
+from mailbox_relay.state.folders import FetchState
 
 from .helpers import invoke
 

@@ -12,7 +12,7 @@ from typing import Any, Dict
 import pytest
 
 from mailbox_relay.accounts import Account, parse_account
-from mailbox_relay.imap import ImapProblem, connect, describe, response_code
+from mailbox_relay.sources.imap import ImapProblem, connect, describe, response_code
 
 from .helpers import invoke
 from .peers import ScriptedImap
@@ -160,7 +160,7 @@ def test_a_token_command_token_already_expired_blames_the_command_or_clock(tmp_p
 
 
 def test_a_jwt_from_a_token_command_is_used_until_its_exp(tmp_path: Path) -> None:
-    from mailbox_relay.oauth2 import TokenSource
+    from mailbox_relay.sources.oauth2 import TokenSource
 
     exp = time.time() + 900
     token = TokenSource(account(1, tmp_path, **xoauth2(tmp_path, jwt(exp)))).current()

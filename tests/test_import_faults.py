@@ -304,7 +304,7 @@ def test_progress_follows_delivery_not_reading(tmp_path: Path, clean_env: Dict[s
     from mailbox_relay.importer import Importer
     from mailbox_relay.progress import Summary
     from mailbox_relay.settings import ImportSettings, MessageSettings
-    from mailbox_relay.sources import detect
+    from mailbox_relay.sources.files import detect
     from mailbox_relay.workers import start_workers
 
     from .helpers import make_settings
@@ -382,7 +382,7 @@ def test_a_maildir_that_vanishes_before_the_run_is_a_damaged_input(
 ) -> None:
     from mailbox_relay.importer import Importer
     from mailbox_relay.settings import ImportSettings, MessageSettings
-    from mailbox_relay.sources import detect
+    from mailbox_relay.sources.files import detect
 
     (source,) = detect(str(write_maildir(tmp_path / "Maildir", [message(0)])))
     shutil.rmtree(tmp_path / "Maildir")

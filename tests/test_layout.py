@@ -80,11 +80,11 @@ def test_deliver_imports_none_of_the_other_commands() -> None:
     others = {"mailbox_relay.cli.import_", "mailbox_relay.cli.check", "mailbox_relay.cli.serve"}
     others |= {
         "mailbox_relay.cli.fetch",
-        "mailbox_relay.fetching",
-        "mailbox_relay.imap",
-        "mailbox_relay.watcher",
+        "mailbox_relay.fetch.once",
+        "mailbox_relay.sources.imap",
+        "mailbox_relay.fetch.watch",
         "mailbox_relay.cli.auth",
-        "mailbox_relay.oauth2",
+        "mailbox_relay.sources.oauth2",
     }
     assert (
         reached & (others | {"mailbox_relay.importer", "mailbox_relay.check", "mailbox_relay.server"})

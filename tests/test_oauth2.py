@@ -20,8 +20,8 @@ import pytest
 import requests
 
 from mailbox_relay.accounts import Account, parse_account
-from mailbox_relay.oauth2 import TokenProblem, TokenSource, read_grant
 from mailbox_relay.outcome import ConfigError
+from mailbox_relay.sources.oauth2 import TokenProblem, TokenSource, read_grant
 
 from .helpers import invoke
 from .oauth_provider import OAuthProvider
@@ -174,7 +174,8 @@ def test_threads_and_processes_refreshing_at_once_never_spend_a_rotated_token_tw
     )
     script = (
         "import os\nfrom mailbox_relay.accounts import load_accounts\n"
-        "from mailbox_relay.settings import open_layers\nfrom mailbox_relay.oauth2 import TokenSource\n"
+        "from mailbox_relay.settings import open_layers\n"
+        "from mailbox_relay.sources.oauth2 import TokenSource\n"
         f"a = load_accounts(open_layers({{'config': {str(config)!r}}}, os.environ), ['box'])[0]\n"
         "for _ in range(5): TokenSource(a).renew()\n"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mailbox_relay.sources import (
+from mailbox_relay.sources.files import (
     EmlTree,
     Maildir,
     Mbox,

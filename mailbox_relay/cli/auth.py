@@ -68,10 +68,10 @@ _CODES = {"denied": Exit.NOPERM, "timeout": Exit.TEMPFAIL, "network": Exit.TEMPF
     help="How long to wait for the sign-in, in seconds.",
 )
 def auth(account: str, flow: Optional[str], port: int, wait_seconds: float, **options: Any) -> Exit:
-    from mailbox_relay import oauth2
     from mailbox_relay.accounts import load_accounts
     from mailbox_relay.outcome import RelayError
     from mailbox_relay.settings import open_layers
+    from mailbox_relay.sources import oauth2
 
     try:
         with usage_errors():

@@ -96,7 +96,7 @@ def fetch(
     quiet: bool,
     **options: Any,
 ) -> Exit:
-    from mailbox_relay.fetching import fetch_once, open_context
+    from mailbox_relay.fetch.once import fetch_once, open_context
     from mailbox_relay.outcome import RelayError
     from mailbox_relay.signals import stop_signals
 
@@ -147,9 +147,9 @@ def _release(context: Any) -> None:
     "start. Never logs a password or token.",
 )
 def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
-    from mailbox_relay.fetching import open_context
+    from mailbox_relay.fetch.once import open_context
+    from mailbox_relay.fetch.watch import run_watch
     from mailbox_relay.outcome import RelayError
-    from mailbox_relay.watcher import run_watch
 
     try:
         with usage_errors():
@@ -171,7 +171,7 @@ def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
 @field_options(FetchSettings.fetch_state, CONFIG)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
 def status(accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
-    from mailbox_relay.fetching import folder_status
+    from mailbox_relay.fetch.once import folder_status
     from mailbox_relay.outcome import RelayError
 
     try:

@@ -112,7 +112,7 @@ def import_(
     from mailbox_relay.importer import run_import
     from mailbox_relay.outcome import RelayError
     from mailbox_relay.progress import RichProgress, choose, summary_lines
-    from mailbox_relay.sources import NotASource
+    from mailbox_relay.sources.files import NotASource
 
     filters = Filters(
         since=since,

@@ -38,15 +38,15 @@ from typing import Any, List, Optional
 
 from mailbox_relay import deadline
 from mailbox_relay.accounts import Account, SecretCommandFailed
-from mailbox_relay.fetcher import FolderResult, FolderSync
-from mailbox_relay.fetching import CONNECTION_ERRORS, FetchContext, make_post
-from mailbox_relay.fetchstate import FetchState, FolderBusy, StateProblem
-from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe, session_replace_at
+from mailbox_relay.fetch.once import CONNECTION_ERRORS, FetchContext, make_post
+from mailbox_relay.fetch.rules import FolderResult, FolderSync
 from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
-from mailbox_relay.oauth2 import grant_stamp
 from mailbox_relay.outcome import ConfigError, Exit, RelayError
 from mailbox_relay.signals import Interrupted, stop_signals
+from mailbox_relay.sources.imap import ImapFolder, ImapProblem, close, connect, describe, session_replace_at
+from mailbox_relay.sources.oauth2 import grant_stamp
+from mailbox_relay.state.folders import FetchState, FolderBusy, StateProblem
 
 LOGIN_TRIES = 3  # rejected logins in a row before the watch gives up (exit 78)
 RECONNECT = Backoff(first=1.0, cap=60.0)

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Set
 
 from mailbox_relay.accounts import Account, After
-from mailbox_relay.fetchstate import FetchState, FolderState, StateProblem
-from mailbox_relay.imap import FolderInfo
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, prepare
 from mailbox_relay.outcome import InvalidMessage, Kind, Outcome, Reason
+from mailbox_relay.sources.imap import FolderInfo
+from mailbox_relay.state.folders import FetchState, FolderState, StateProblem
 
 Post = Callable[[Prepared], Outcome]
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type
 
 from mailbox_relay.accounts import Account, load_accounts
-from mailbox_relay.fetcher import FolderResult, FolderSync, Post, left_alone_line
-from mailbox_relay.fetchstate import NOT_SYNCED, FetchState, FolderBusy, StateProblem, default_path
-from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe
+from mailbox_relay.fetch.rules import FolderResult, FolderSync, Post, left_alone_line
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import ConfigError, Exit
 from mailbox_relay.settings import FetchSettings, Settings, open_layers, settings_from
+from mailbox_relay.sources.imap import ImapFolder, ImapProblem, close, connect, describe
+from mailbox_relay.state.folders import NOT_SYNCED, FetchState, FolderBusy, StateProblem, default_path
 
 FETCH_LOCK_WAIT = 10.0  # seconds fetch waits for another process's pass over a folder
 

@@ -371,7 +371,7 @@ def _xoauth2_login(client: Any, account: Account) -> None:
     token in hand may have been revoked, or expired early). A refusal that says "not now"
     (RFC 5530 UNAVAILABLE, INUSE, LIMIT) is no verdict on the token: no renewal. Tokens never
     reach a message."""
-    from mailbox_relay.oauth2 import token_source
+    from mailbox_relay.sources.oauth2 import token_source
 
     if not client.has_capability("AUTH=XOAUTH2"):
         raise ImapProblem(
@@ -428,7 +428,7 @@ def _token_refused(account: Account, token: Any, said: str) -> ImapProblem:
 
 def _token(obtain: Callable[[], Any]) -> Any:
     """A Token, or the TokenProblem as an ImapProblem of the kind the callers act on."""
-    from mailbox_relay.oauth2 import TokenProblem
+    from mailbox_relay.sources.oauth2 import TokenProblem
 
     try:
         return obtain()

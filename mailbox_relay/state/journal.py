@@ -14,7 +14,7 @@ import time
 from typing import Iterable, Mapping, Tuple
 
 from mailbox_relay.settings import state_home
-from mailbox_relay.sources import printable
+from mailbox_relay.sources.files import printable
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delivered (
