@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +32,7 @@ from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers,
 from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources.files import DamagedInput, NotASource, Source, Unreadable, detect, printable
 from mailbox_relay.state.journal import Journal, default_path
+from mailbox_relay.state.store import StateProblem
 from mailbox_relay.workers import deliver_batch, start_workers
 
 BATCH_SECONDS = 0.05  # a worker's task is about this much posting,
@@ -316,11 +316,8 @@ def open_sources(
 def open_journal(path: str) -> Journal:
     try:
         return Journal(path)
-    except (OSError, sqlite3.Error) as error:
-        raise UsageError(
-            f"cannot open the journal {printable(path)} ({error}): pass --state with a writable path, "
-            "or --no-state"
-        ) from None
+    except StateProblem as problem:
+        raise UsageError(f"{printable(problem.outcome.detail)}, or pass --no-state") from None
 
 
 def open_failed_dir(path: Optional[str]) -> Optional[MaildirWriter]:

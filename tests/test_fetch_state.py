@@ -20,8 +20,8 @@ from mailbox_relay.accounts import After, parse_account
 from mailbox_relay.fetch.rules import FolderSync
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import DELIVERED, Outcome
-from mailbox_relay.sources.imap import FolderInfo
-from mailbox_relay.state import folders as fetchstate
+from mailbox_relay.sources.mailbox import Listing, Opened
+from mailbox_relay.state import store
 from mailbox_relay.state.folders import FetchState, FolderBusy, FolderLock
 
 from .helpers import invoke
@@ -53,22 +53,26 @@ class DatedFolder:
         self.uidvalidity += 1
         self.messages, self.dates, self.next_uid = {}, {}, 1
 
-    def select(self, name: str) -> FolderInfo:
-        return FolderInfo(self.uidvalidity, self.next_uid, len(self.messages))
+    def open(self, name: str) -> Opened:
+        return Opened(str(self.uidvalidity), len(self.messages), str(self.next_uid - 1))
 
-    def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]:
-        return sorted(
-            uid for uid in self.messages if uid > after_uid and (since is None or self.dates[uid] >= since)
-        )
+    def listing(self, cursor: Optional[str], since: Optional[datetime.date]) -> Listing:
+        after = int(cursor or 0)
+        keys = [
+            str(uid)
+            for uid in sorted(self.messages)
+            if uid > after and (since is None or self.dates[uid] >= since)
+        ]
+        return Listing(keys, checkpoints={key: key for key in keys})
 
-    def sizes(self, uids: Sequence[int]) -> Dict[int, int]:
-        return {uid: len(self.messages[uid]) for uid in uids if uid in self.messages}
+    def sizes(self, keys: Sequence[str]) -> Dict[str, int]:
+        return {key: len(self.messages[int(key)]) for key in keys if int(key) in self.messages}
 
-    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Dict[int, bytes]:
-        return {uid: self.messages[uid] for uid in uids if uid in self.messages}
+    def fetch(self, keys: Sequence[str], sizes: Mapping[str, int]) -> Dict[str, bytes]:
+        return {key: self.messages[int(key)] for key in keys if int(key) in self.messages}
 
-    def acknowledge(self, uids: Sequence[int], after: After) -> None:
-        self.acknowledged += uids
+    def acknowledge(self, keys: Sequence[str], after: After) -> None:
+        self.acknowledged += [int(key) for key in keys]
 
 
 class Ingress:
@@ -188,7 +192,7 @@ def test_a_lock_held_by_another_process_is_released_when_it_dies(tmp_path: Path)
 def test_a_state_locked_mid_pass_stops_the_pass_with_its_line_and_keeps_the_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fetchstate, "BUSY_SECONDS", 0.3)
+    monkeypatch.setattr(store, "BUSY_SECONDS", 0.3)
     path = str(tmp_path / "state.sqlite3")
     state = FetchState(path)
     folder, ingress = DatedFolder(), Ingress()
@@ -294,16 +298,55 @@ def test_status_calls_a_folder_watched_only_while_its_heartbeat_is_fresh(tmp_pat
     assert not watching()
 
 
+IMAP_LAYOUT = """
+CREATE TABLE folders (account TEXT NOT NULL, folder TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
+    last_uid INTEGER NOT NULL, since TEXT, first_seen REAL NOT NULL, last_sync REAL,
+    last_delivered REAL, delivered INTEGER NOT NULL DEFAULT 0, invalid INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT, last_error_at REAL, watcher_pid INTEGER, watcher_since REAL,
+    PRIMARY KEY (account, folder));
+CREATE TABLE messages (account TEXT NOT NULL, folder TEXT NOT NULL, uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL, status TEXT NOT NULL, tries INTEGER NOT NULL, first_failed REAL NOT NULL,
+    next_try REAL, reason TEXT NOT NULL, PRIMARY KEY (account, folder, uidvalidity, uid));
+"""
+
+
+def test_a_state_file_of_the_imap_only_layout_is_upgraded_and_goes_on(tmp_path: Path) -> None:
+    """0.1's state (uidvalidity and last_uid as numbers): a retry, a quarantine and the
+    watermark survive, and the next pass starts after the old watermark."""
+    path = str(tmp_path / "old.sqlite3")
+    with sqlite3.connect(path) as db:
+        db.executescript(IMAP_LAYOUT)
+        db.execute(
+            "INSERT INTO folders (account, folder, uidvalidity, last_uid, first_seen) "
+            "VALUES ('box', 'INBOX', 7, 3, 0)"
+        )
+        db.execute("INSERT INTO messages VALUES ('box', 'INBOX', 7, 2, 'retry', 1, 0, 0, 'HTTP 500')")
+        db.execute(
+            "INSERT INTO messages VALUES ('box', 'INBOX', 7, 1, 'quarantined', 5, 0, NULL, 'HTTP 500')"
+        )
+    state = FetchState(path)
+    known = state.folder("box", "INBOX")
+    assert known is not None and (known.epoch, known.cursor) == ("7", "3")
+    assert state.due("box", "INBOX", "7") == ["2"]
+    (row,) = state.report()
+    assert (row["uidvalidity"], row["last_uid"], row["quarantined_uids"][0]["uid"]) == (7, 3, 1)
+    folder, ingress = DatedFolder(uidvalidity=7), Ingress()
+    for n in (1, 2, 3, 4):
+        folder.append(n)
+    result = sync(state, ingress, "all").run(folder, "INBOX")
+    assert sorted(ingress.posted) == [2, 4] and result.delivered == 2  # the retry, and UID 4
+
+
 def test_a_state_file_from_before_the_heartbeat_is_upgraded(tmp_path: Path) -> None:
     path = str(tmp_path / "old.sqlite3")
     with sqlite3.connect(path) as db:
-        db.executescript(fetchstate._SCHEMA.replace("    watcher_until REAL,", ""))
+        db.executescript(IMAP_LAYOUT)
         db.execute(
             "INSERT INTO folders (account, folder, uidvalidity, last_uid, first_seen) "
             "VALUES ('a', 'f', 3, 9, 0)"
         )
     state = FetchState(path)
     known = state.folder("a", "f")
-    assert known is not None and known.last_uid == 9
+    assert known is not None and known.cursor == "9"
     state.watching("a", "f", os.getpid(), 10)
     assert state.report()[0]["watcher_until"] > time.time()

@@ -19,7 +19,7 @@ from mailbox_relay.accounts import After, parse_account
 from mailbox_relay.fetch.rules import FolderSync
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import DELIVERED, Outcome, Reason
-from mailbox_relay.sources.imap import FolderInfo
+from mailbox_relay.sources.mailbox import Listing, Opened
 from mailbox_relay.state.folders import FetchState
 
 from .helpers import invoke
@@ -30,25 +30,30 @@ def raw(n: int, size: int = 0) -> bytes:
 
 
 class MemoryFolder:
+    """A folder as an IMAP-like source shows it: numbered keys, a cursor that is the last one."""
+
+    key_label = "UID"
+
     def __init__(self, messages: Dict[int, bytes], uidvalidity: int = 7) -> None:
         self.messages = messages
         self.uidvalidity = uidvalidity
         self.acknowledged: List[int] = []
 
-    def select(self, name: str) -> FolderInfo:
-        return FolderInfo(self.uidvalidity, max(self.messages, default=0) + 1, len(self.messages))
+    def open(self, name: str) -> Opened:
+        return Opened(str(self.uidvalidity), len(self.messages), str(max(self.messages, default=0)))
 
-    def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]:
-        return sorted(uid for uid in self.messages if uid > after_uid)
+    def listing(self, cursor: Optional[str], since: Optional[datetime.date]) -> Listing:
+        keys = [str(uid) for uid in sorted(self.messages) if uid > int(cursor or 0)]
+        return Listing(keys, checkpoints={key: key for key in keys})
 
-    def sizes(self, uids: Sequence[int]) -> Dict[int, int]:
-        return {uid: len(self.messages[uid]) for uid in uids if uid in self.messages}
+    def sizes(self, keys: Sequence[str]) -> Dict[str, int]:
+        return {key: len(self.messages[int(key)]) for key in keys if int(key) in self.messages}
 
-    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Dict[int, bytes]:
-        return {uid: self.messages[uid] for uid in uids if uid in self.messages}
+    def fetch(self, keys: Sequence[str], sizes: Mapping[str, int]) -> Dict[str, bytes]:
+        return {key: self.messages[int(key)] for key in keys if int(key) in self.messages}
 
-    def acknowledge(self, uids: Sequence[int], after: After) -> None:
-        self.acknowledged += uids
+    def acknowledge(self, keys: Sequence[str], after: After) -> None:
+        self.acknowledged += [int(key) for key in keys]
 
 
 class Ingress:
@@ -85,7 +90,7 @@ def test_a_pause_mid_batch_keeps_the_watermark_below_what_was_not_handled(state:
     result = sync(state, ingress, max_size=1000).run(folder, "INBOX")
     assert result.paused and result.delivered == 1 and ingress.posted == [1, 2]
     known = state.folder("box", "INBOX")
-    assert known is not None and known.last_uid == 1  # not 4: 2, 3 and 4 were never handled
+    assert known is not None and known.cursor == "1"  # not 4: 2, 3 and 4 were never handled
     again = sync(state, Ingress(), max_size=1000).run(folder, "INBOX")
     assert (again.delivered, again.invalid, again.paused) == (2, 1, None)
     assert folder.acknowledged == [1, 2, 3]

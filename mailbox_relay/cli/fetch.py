@@ -171,7 +171,7 @@ def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
 @field_options(FetchSettings.fetch_state, CONFIG)
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
 def status(accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
-    from mailbox_relay.fetch.once import folder_status
+    from mailbox_relay.fetch.status import folder_status
     from mailbox_relay.outcome import RelayError
 
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -21,12 +20,14 @@ from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import ConfigError, Exit
 from mailbox_relay.settings import FetchSettings, Settings, open_layers, settings_from
-from mailbox_relay.sources.imap import ImapFolder, ImapProblem, close, connect, describe
-from mailbox_relay.state.folders import NOT_SYNCED, FetchState, FolderBusy, StateProblem, default_path
+from mailbox_relay.sources import connect
+from mailbox_relay.sources.mailbox import SourceProblem, describe
+from mailbox_relay.state.folders import FetchState, FolderBusy, StateProblem, default_path
 
 FETCH_LOCK_WAIT = 10.0  # seconds fetch waits for another process's pass over a folder
 
-# What a broken IMAP connection raises, besides our own ImapProblem.
+# What a broken connection raises, besides a source's own SourceProblem (IMAP: a lost or too
+# slow connection is one already; imaplib's error is a NO or BAD the IMAP source did not name).
 CONNECTION_ERRORS: Tuple[Type[BaseException], ...] = (OSError, EOFError, socket.timeout, imaplib.IMAP4.error)
 
 
@@ -225,21 +226,20 @@ def sync_account(
     results: List[FolderResult] = []
     report = _Problems(problems, sync.state, account, log)
     try:
-        client = connect(account)
-    except ImapProblem as problem:
+        source = connect(account)
+    except SourceProblem as problem:
         report.account(problem.line)
         return results
     except ConfigError as error:  # its password file or command; the other accounts go on
         report.account(error.outcome.detail)
         return results
     try:
-        folder = ImapFolder(client, account)
         for name in account.folders:
             if sync.stopping():
                 break
             try:
-                results.append(sync.run(folder, name))
-            except ImapProblem as problem:
+                results.append(sync.run(source, name))
+            except SourceProblem as problem:
                 if problem.kind == "network":  # the connection is gone: not this folder's problem
                     report.account(problem.line)
                     break
@@ -251,7 +251,7 @@ def sync_account(
     except CONNECTION_ERRORS as error:
         report.account(f"connection to {account.host} lost: {describe(error)}")
     finally:
-        close(client)
+        source.close()
     return results
 
 
@@ -281,41 +281,3 @@ class _Problems:
     def _record(self, folder: str, line: str) -> None:
         with contextlib.suppress(StateProblem):  # a broken state is said where it breaks
             self.state.error(self.account_.name, folder, line)
-
-
-def folder_status(
-    options: Mapping[str, Any], environ: Mapping[str, str], names: Sequence[str]
-) -> Tuple[List[Dict[str, Any]], str]:
-    """`status`: every folder's row of the state file (which is not created if missing)."""
-    layers = open_layers(options, environ)
-    path = FetchSettings.resolve(layers).fetch_state or default_path(environ)
-    if names:
-        load_accounts(layers, names)  # a misspelt name is said, not shown as "nothing"
-    if not os.path.exists(path):
-        return [], path
-    state = FetchState(path)
-    try:
-        rows = [row for row in state.report() if not names or row["account"] in names]
-    finally:
-        state.close()
-    now = time.time()
-    for row in rows:
-        # Watched now: a live watch whose last server round-trip is fresh (as /readyz judges);
-        # a pid alone would call a hung or spinning watch, or a renamed folder, watched.
-        fresh = row["watcher_until"] is not None and row["watcher_until"] > now
-        row["watching"] = fresh and _pid_alive(row["watcher_pid"])
-        row["synced"] = row["uidvalidity"] != NOT_SYNCED
-    return rows, path
-
-
-def _pid_alive(pid: Optional[int]) -> bool:
-    """A watch that was killed (-9) leaves its pid behind: ask the kernel whether it still runs."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True

@@ -1,6 +1,10 @@
-"""One pass over one IMAP folder: find what is new or due again, deliver it, acknowledge it.
+"""One pass over one folder of any source: find what is new or due again, deliver it,
+acknowledge it.
 
-The rules that keep mail safe live here, apart from IMAP (imap.py) and HTTP (ingress/client.py):
+The rules that keep mail safe live here, apart from the sources (sources/: IMAP, and any other
+behind sources/mailbox.py) and HTTP (ingress/client.py):
+- new mail goes before retries;
+- the cursor never passes a message that was not delivered, recorded or acknowledged;
 - a message is changed on the server (`after`) only once the ingress answered 2xx, and the
   state records it only after that, so a crash in between re-posts the same bytes (Rails
   stores them once) rather than losing anything;
@@ -16,15 +20,18 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
-from mailbox_relay.accounts import Account, After
+from mailbox_relay.accounts import Account
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, prepare
 from mailbox_relay.outcome import InvalidMessage, Kind, Outcome, Reason
-from mailbox_relay.sources.imap import FolderInfo
+from mailbox_relay.sources.mailbox import Key, Listing, Opened
 from mailbox_relay.state.folders import FetchState, FolderState, StateProblem
+
+if TYPE_CHECKING:
+    from mailbox_relay.sources.mailbox import Source
 
 Post = Callable[[Prepared], Outcome]
 
@@ -32,25 +39,11 @@ Post = Callable[[Prepared], Outcome]
 # pause the folder and count no try (systemic answers, 401/404/TLS..., do the same).
 INGRESS_WIDE = frozenset({Reason.UNREACHABLE, Reason.BUSY, Reason.INTERRUPTED})
 PAUSE_AFTER_FAILURES = 3  # new messages failing in a row, nothing delivered: stop this pass
-SIZE_BATCH = 500  # UIDs per RFC822.SIZE fetch
-BODY_BATCH = 100  # messages per BODY.PEEK[] fetch,
-# and at most this many bytes (a larger message goes alone): one FETCH must finish within the
-# account's `timeout`, so a batch is no larger than one piece of a large message (imap.PIECE).
+SIZE_BATCH = 500  # keys per size request (IMAP: one RFC822.SIZE fetch)
+BODY_BATCH = 100  # messages per body request (IMAP: one BODY.PEEK[] fetch),
+# and at most this many bytes (a larger message goes alone): one request must finish within the
+# account's `timeout`, so a batch is no larger than one piece of a large IMAP message (PIECE).
 BODY_BATCH_BYTES = 4 * 1024 * 1024
-
-
-class Folder(Protocol):
-    """The IMAP side of a pass (imap.ImapFolder)."""
-
-    def select(self, name: str) -> FolderInfo: ...
-
-    def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]: ...
-
-    def sizes(self, uids: Sequence[int]) -> Dict[int, int]: ...
-
-    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Dict[int, bytes]: ...
-
-    def acknowledge(self, uids: Sequence[int], after: After) -> None: ...
 
 
 @dataclass
@@ -102,63 +95,67 @@ class FolderSync:
         self.stopping = stopping
         self.lock_wait = lock_wait  # for another process's pass over the same folder to end
 
-    def run(self, folder: Folder, name: str) -> FolderResult:
+    def run(self, source: Source, name: str) -> FolderResult:
         """One pass, holding the folder's lock (FolderBusy if another process holds it). A state
         file that fails mid-pass ends the pass with its line, keeping the counts so far."""
         result = FolderResult(self.account.name, name, start=self.account.start)
         with self.state.lock(self.account.name, name) as lock:
             lock.acquire(self.lock_wait, self.stopping)
             try:
-                self._pass(folder, name, result)
+                self._pass(source, name, result)
             except StateProblem as problem:
                 result.paused = problem.outcome.detail
                 result.state_failed = True
                 self.log(f"{self.account.name}/{name}: {problem.outcome.detail}")
         return result
 
-    def _pass(self, folder: Folder, name: str, result: FolderResult) -> None:
-        info = folder.select(name)
-        first_sight = self.state.folder(self.account.name, name) is None
-        known = self._known(info, name)
+    def _pass(self, source: Source, name: str, result: FolderResult) -> None:
+        account, state = self.account.name, self.state
+        opened = source.open(name)
+        first_sight = state.folder(account, name) is None
+        known = self._known(opened, name)
         since = datetime.date.fromisoformat(known.since) if known.since else None
-        due = self.state.due(self.account.name, name, info.uidvalidity)
-        new = folder.search(known.last_uid, since)
+        due = state.due(account, name, opened.epoch)
+        listing = source.listing(known.cursor, since)
+        if listing.present is not None:
+            state.prune(account, name, opened.epoch, listing.present)
+        recorded = state.recorded(account, name, opened.epoch)
+        new = [key for key in listing.keys if key not in recorded]
         if first_sight and self.account.start != "all":
-            result.left_alone = max(0, info.exists - len(new))
+            result.left_alone = max(0, opened.exists - len(new))
             if result.left_alone:
-                self.events(
-                    f"{self.account.name}/{name}: {left_alone_line(result.left_alone, self.account.start)}"
-                )
-        retrying = set(due)
+                self.events(f"{account}/{name}: {left_alone_line(result.left_alone, self.account.start)}")
         # New mail first: messages that failed before must never hold it up.
-        todo = [uid for uid in new if uid not in retrying] + due
+        todo = new + due
         result.found = len(todo)
-        run = _Pass(self, folder, info.uidvalidity, result, retrying)
+        run = _Pass(self, source, opened.epoch, result, listing, set(due))
         run.deliver(todo)
         stopped_early = result.paused is not None or self.stopping()
-        self.state.synced(self.account.name, name, complete=not stopped_early)
-        result.waiting = self.state.waiting(self.account.name, name)
+        if not stopped_early and listing.final is not None:
+            state.advance(account, name, listing.final)  # the whole listing is handled
+        state.synced(account, name, complete=not stopped_early)
+        result.waiting = state.waiting(account, name)
 
-    def _known(self, info: FolderInfo, name: str) -> FolderState:
-        """The folder's state; set up on first sight (per `start`) or after UIDVALIDITY changed."""
+    def _known(self, opened: Opened, name: str) -> FolderState:
+        """The folder's state; set up on first sight (per `start`) or in a new epoch."""
         account = self.account
         known = self.state.folder(account.name, name)
-        if known is not None and known.uidvalidity == info.uidvalidity:
+        if known is not None and known.epoch == opened.epoch:
             return known
         if known is None:
-            last_uid = info.uidnext - 1 if account.start == "new" else 0
+            cursor = opened.newest if account.start == "new" else None
             since = account.start_date.isoformat() if account.start_date else None
         else:
-            # Every UID is new to us, whatever its date: a message back-dated (or copied in with
-            # its old INTERNALDATE) belongs to the new epoch too, so no date may hide it. What was
+            # Every key is new to us, whatever its date: a message back-dated (or copied in with
+            # its old date) belongs to the new epoch too, so no date may hide it. What was
             # delivered before is posted again with the same bytes, and Rails stores it once.
-            last_uid, since = 0, None
+            cursor, since = None, None
             self.log(
-                f"{account.name}/{name}: UIDVALIDITY changed ({known.uidvalidity} -> {info.uidvalidity}); "
-                f"delivering every message in it ({info.exists}) again, whatever its date "
+                f"{account.name}/{name}: UIDVALIDITY changed ({known.epoch} -> {opened.epoch}); "
+                f"delivering every message in it ({opened.exists}) again, whatever its date "
                 "(Rails keeps one copy of identical messages)"
             )
-        self.state.begin(account.name, name, info.uidvalidity, last_uid, since)
+        self.state.begin(account.name, name, opened.epoch, cursor, since)
         found = self.state.folder(account.name, name)
         assert found is not None
         return found
@@ -168,38 +165,54 @@ class _Pass:
     """The deliveries of one pass over one folder."""
 
     def __init__(
-        self, sync: FolderSync, folder: Folder, uidvalidity: int, result: FolderResult, retrying: Set[int]
+        self,
+        sync: FolderSync,
+        source: Source,
+        epoch: str,
+        result: FolderResult,
+        listing: Listing,
+        retrying: Set[Key],
     ) -> None:
         self.sync = sync
         self.retrying = retrying  # failed before: their failures say nothing new about the ingress
-        self.folder = folder
-        self.uidvalidity = uidvalidity
+        self.source = source
+        self.epoch = epoch
+        self.listing = listing
+        self.label = getattr(source, "key_label", "message")  # "UID" for IMAP, in log lines
         self.result = result
         self.where = f"{sync.account.name}/{result.folder}"
         self.failures_in_a_row = 0
-        self.accepted: List[int] = []  # delivered, not yet acknowledged nor recorded
+        self.accepted: List[Key] = []  # delivered, not yet acknowledged nor recorded
 
     @property
     def done(self) -> bool:
         return self.result.paused is not None or self.sync.stopping()
 
-    def deliver(self, uids: Sequence[int]) -> None:
-        for chunk in _chunks(uids, SIZE_BATCH):
-            sizes = self.folder.sizes(chunk)
+    def deliver(self, keys: Sequence[Key]) -> None:
+        for chunk in _chunks(keys, SIZE_BATCH):
+            sizes = self.source.sizes(chunk)
             for batch in self._body_batches(chunk, sizes):
                 if self.done:
                     return
-                bodies = self.folder.fetch(batch, sizes)
-                for uid in batch:
+                bodies = self.source.fetch(batch, sizes)
+                for key in batch:
                     if self.done:
                         break
-                    self._one(uid, bodies.pop(uid, None))
+                    self._one(key, bodies.pop(key, None))
                 self._acknowledge()
+
+    def _cursor(self, keys: Sequence[Key]) -> Optional[str]:
+        """The cursor once `keys` (the last handled, in order) are recorded: the furthest of their
+        checkpoints. A retried message has none: it lies behind the cursor already."""
+        for key in reversed(keys):
+            if key not in self.retrying and key in self.listing.checkpoints:
+                return self.listing.checkpoints[key]
+        return None
 
     def _acknowledge(self) -> None:
         """`after` for the messages the ingress accepted since the last call, in one command, then
         the state, in one transaction. Called after each fetched batch, and before anything else
-        is recorded, so the state's watermark never passes a message that is not acknowledged.
+        is recorded, so the state's cursor never passes a message that is not acknowledged.
 
         On the server first: if that fails, the state still says "not delivered" and the next
         pass posts the same bytes again, which Rails stores once, then acknowledges them."""
@@ -207,17 +220,24 @@ class _Pass:
             return
         accepted, self.accepted = self.accepted, []
         sync = self.sync
-        self.folder.acknowledge(accepted, sync.account.after)
-        sync.state.delivered(sync.account.name, self.result.folder, self.uidvalidity, accepted)
+        self.source.acknowledge(accepted, sync.account.after)
+        sync.state.delivered(
+            sync.account.name,
+            self.result.folder,
+            self.epoch,
+            accepted,
+            cursor=self._cursor(accepted),
+            remember=self.listing.remember,
+        )
 
-    def _body_batches(self, uids: Sequence[int], sizes: Dict[int, int]) -> Iterator[List[int]]:
-        """UIDs to fetch together, in order. A UID that needs no fetch (gone, over max_size) is
-        recorded in its turn: only after every UID before it was handled, and never after the
-        pass stopped, so the watermark cannot pass a message that was not."""
-        batch: List[int] = []
+    def _body_batches(self, keys: Sequence[Key], sizes: Dict[Key, int]) -> Iterator[List[Key]]:
+        """Keys to fetch together, in order. A key that needs no fetch (gone, over max_size) is
+        recorded in its turn: only after every key before it was handled, and never after the
+        pass stopped, so the cursor cannot pass a message that was not."""
+        batch: List[Key] = []
         batch_bytes = 0
-        for uid in uids:
-            size = sizes.get(uid)
+        for key in keys:
+            size = sizes.get(key)
             too_big = size is not None and self.sync.max_size is not None and size > self.sync.max_size
             if size is None or too_big:
                 if batch:
@@ -226,70 +246,79 @@ class _Pass:
                 if self.done:
                     return
                 if size is None:
-                    self._gone(uid)
+                    self._gone(key)
                 else:
                     detail = f"message is {size} bytes, over max_size {self.sync.max_size}"
-                    self._invalid(uid, Outcome(Reason.TOO_BIG, detail), b"")
+                    self._invalid(key, Outcome(Reason.TOO_BIG, detail), b"")
             else:
                 if batch and (len(batch) >= BODY_BATCH or batch_bytes + size > BODY_BATCH_BYTES):
                     yield batch
                     batch, batch_bytes = [], 0
-                batch.append(uid)
+                batch.append(key)
                 batch_bytes += size
         if batch:
             yield batch
 
-    def _one(self, uid: int, raw: Optional[bytes]) -> None:
+    def _one(self, key: Key, raw: Optional[bytes]) -> None:
         if raw is None:
-            self._gone(uid)
+            self._gone(key)
             return
         try:
             prepared = prepare(raw, recipients=self.sync.recipients, max_size=self.sync.max_size)
         except InvalidMessage as error:
-            self._invalid(uid, error.outcome, raw)
+            self._invalid(key, error.outcome, raw)
             return
         started = time.monotonic()
         outcome = self.sync.post(prepared)
         if outcome.delivered:
-            self._delivered(uid, prepared.size, time.monotonic() - started)
+            self._delivered(key, prepared.size, time.monotonic() - started)
         elif outcome.kind is Kind.PERMANENT:
-            self._invalid(uid, outcome, raw)
+            self._invalid(key, outcome, raw)
         elif outcome.reason.systemic or outcome.reason in INGRESS_WIDE:
             self._pause(outcome)
         else:
-            self._failed(uid, outcome, raw)
+            self._failed(key, outcome, raw)
 
-    def _delivered(self, uid: int, size: int, seconds: float) -> None:
-        self.accepted.append(uid)
+    def _delivered(self, key: Key, size: int, seconds: float) -> None:
+        self.accepted.append(key)
         self.result.delivered += 1
         self.failures_in_a_row = 0
-        self.sync.events(f"{self.where}: UID {uid} delivered ({size} bytes in {seconds:.2f}s)")
+        self.sync.events(f"{self.where}: {self.label} {key} delivered ({size} bytes in {seconds:.2f}s)")
 
-    def _gone(self, uid: int) -> None:
-        self._acknowledge()
-        self.sync.state.gone(self.sync.account.name, self.result.folder, self.uidvalidity, uid)
-        self.result.gone += 1
-
-    def _invalid(self, uid: int, outcome: Outcome, raw: bytes) -> None:
+    def _gone(self, key: Key) -> None:
         self._acknowledge()
         sync = self.sync
-        sync.state.invalid(sync.account.name, self.result.folder, self.uidvalidity, uid, outcome.line())
-        self.result.invalid += 1
-        self._note(uid, outcome, raw, "invalid, left on the server")
+        sync.state.gone(sync.account.name, self.result.folder, self.epoch, key, self._cursor([key]))
+        self.result.gone += 1
 
-    def _failed(self, uid: int, outcome: Outcome, raw: bytes) -> None:
+    def _invalid(self, key: Key, outcome: Outcome, raw: bytes) -> None:
+        self._acknowledge()
+        sync = self.sync
+        sync.state.invalid(
+            sync.account.name, self.result.folder, self.epoch, key, outcome.line(), self._cursor([key])
+        )
+        self.result.invalid += 1
+        self._note(key, outcome, raw, "invalid, left on the server")
+
+    def _failed(self, key: Key, outcome: Outcome, raw: bytes) -> None:
         self._acknowledge()
         sync = self.sync
         status = sync.state.failed(
-            sync.account.name, self.result.folder, self.uidvalidity, uid, outcome.line(), sync.max_tries
+            sync.account.name,
+            self.result.folder,
+            self.epoch,
+            key,
+            outcome.line(),
+            sync.max_tries,
+            self._cursor([key]),
         )
         if status == "quarantined":
             self.result.quarantined += 1
-            self._note(uid, outcome, raw, f"quarantined after {sync.max_tries} tries, left on the server")
+            self._note(key, outcome, raw, f"quarantined after {sync.max_tries} tries, left on the server")
             return
         self.result.failed += 1
-        self._note(uid, outcome, b"", "will be tried again")
-        if uid not in self.retrying:
+        self._note(key, outcome, b"", "will be tried again")
+        if key not in self.retrying:
             self.failures_in_a_row += 1
         if self.failures_in_a_row >= PAUSE_AFTER_FAILURES:
             self._pause(outcome)
@@ -300,12 +329,13 @@ class _Pass:
         self.sync.state.error(self.sync.account.name, self.result.folder, outcome.line())
         self.sync.log(f"{self.where}: paused: {outcome.line()}")
 
-    def _note(self, uid: int, outcome: Outcome, raw: bytes, what: str) -> None:
+    def _note(self, key: Key, outcome: Outcome, raw: bytes, what: str) -> None:
+        uid: Any = int(key) if key.isdigit() else key  # the JSON summary's "uid", a number for IMAP
         record: Dict[str, Any] = {"uid": uid, "reason": outcome.line(), "what": what}
         if self.sync.failed is not None and raw:
             record["saved_as"] = self.sync.failed.store(raw)[1]
         self.result.failures.append(record)
-        self.sync.log(f"{self.where}: UID {uid} {what}: {outcome.line()}")
+        self.sync.log(f"{self.where}: {self.label} {key} {what}: {outcome.line()}")
 
 
 def left_alone_line(count: int, start: str) -> str:
@@ -318,6 +348,6 @@ def left_alone_line(count: int, start: str) -> str:
     )
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+def _chunks(items: Sequence[Key], size: int) -> Iterator[Sequence[Key]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
-import socket
 import threading
 import time
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from mailbox_relay import deadline
 from mailbox_relay.accounts import Account, SecretCommandFailed
@@ -44,7 +42,11 @@ from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
 from mailbox_relay.outcome import ConfigError, Exit, RelayError
 from mailbox_relay.signals import Interrupted, stop_signals
-from mailbox_relay.sources.imap import ImapFolder, ImapProblem, close, connect, describe, session_replace_at
+
+if TYPE_CHECKING:
+    from mailbox_relay.sources.mailbox import Source
+from mailbox_relay.sources import connect
+from mailbox_relay.sources.mailbox import SourceProblem, describe
 from mailbox_relay.sources.oauth2 import grant_stamp
 from mailbox_relay.state.folders import FetchState, FolderBusy, StateProblem
 
@@ -177,8 +179,8 @@ class FolderWatcher:
         self.grant_refused = None  # set again below if this attempt finds the grant refused
         self.refused_for_now = False  # likewise, for a server's temporary refusal
         try:
-            client = connect(self.account)
-        except ImapProblem as problem:
+            source = connect(self.account)
+        except SourceProblem as problem:
             self._failed(problem, state)
             return False
         except SecretCommandFailed as error:  # its secret store may be locked or restarting
@@ -188,13 +190,13 @@ class FolderWatcher:
             self.watch.give_up(f"{self.where}: {error.outcome.detail}")
             return False
         self.login_failures = 0
-        self.session_ends = _monotonic_at(session_replace_at(client))
+        self.session_ends = _monotonic_at(source.replace_at())
         self.log(f"{self.where}: connected to {self.account.host}")
         worked = False
         try:
-            self._serve(client, sync, state)
+            self._serve(source, sync, state)
             worked = True
-        except ImapProblem as problem:
+        except SourceProblem as problem:
             self._failed(problem, state)
             worked = problem.kind == "network"  # lost, after working: reconnect at once
         except CONNECTION_ERRORS as error:
@@ -207,10 +209,10 @@ class FolderWatcher:
         finally:
             with contextlib.suppress(StateProblem):
                 state.watching(self.account.name, self.folder, None)
-            close(client)
+            source.close()
         return worked
 
-    def _failed(self, problem: ImapProblem, state: FetchState) -> None:
+    def _failed(self, problem: SourceProblem, state: FetchState) -> None:
         if problem.kind == "grant":  # a person must run `auth`: wait for that, say it once
             self.grant_refused = problem.line
             self._record(state, problem.line)
@@ -236,30 +238,24 @@ class FolderWatcher:
         """A server round-trip just worked: the heartbeat `status` judges "watched now" by."""
         state.watching(self.account.name, self.folder, os.getpid(), self.fresh_for)
 
-    def _serve(self, client: Any, sync: FolderSync, state: FetchState) -> None:
-        folder = ImapFolder(client, self.account)
-        idle = client.has_capability("IDLE")
+    def _serve(self, source: Source, sync: FolderSync, state: FetchState) -> None:
         caught_up = False
         while not self.watch.stop.is_set():
-            if time.monotonic() >= self.paused_until and self._pass(sync, folder, state) and not caught_up:
+            if time.monotonic() >= self.paused_until and self._pass(sync, source, state) and not caught_up:
                 caught_up = True
-                how = "IDLE" if idle else f"polling every {self.account.poll_interval:g}s"
-                self.log(f"{self.where}: caught up; waiting for new mail ({how})")
+                self.log(f"{self.where}: caught up; waiting for new mail ({source.waiting})")
             if time.monotonic() >= self.session_ends:
                 self.log(
                     f"{self.where}: the OAuth2 token of this connection runs out; reconnecting with a new one"
                 )
                 return
-            if idle:
-                self._idle(client)
-            else:
-                self._poll(client)
+            source.wait(min(self.wake_at, self.session_ends), self.watch.stop)
             self._alive(state)
 
-    def _pass(self, sync: FolderSync, folder: ImapFolder, state: FetchState) -> bool:
+    def _pass(self, sync: FolderSync, source: Source, state: FetchState) -> bool:
         """One pass; False when another process was passing over the folder (try again soon)."""
         try:
-            result = sync.run(folder, self.folder)
+            result = sync.run(source, self.folder)
         except FolderBusy as busy:
             if not self.busy_said:
                 self.log(f"{busy}; trying again every {BUSY_RETRY:g}s")
@@ -282,28 +278,6 @@ class FolderWatcher:
         next_try = state.next_try(self.account.name, self.folder)
         self.wake_at = float("inf") if next_try is None else now + max(0.0, next_try - time.time())
 
-    def _idle(self, client: Any) -> None:
-        """Until something arrives, `idle_refresh` passes, a pass is due, or stop. A connection
-        the server closed or reset is noticed at once: IMAPClient's idle_check swallows EOF and
-        answers "nothing new", which would otherwise spin until the next IDLE re-issue."""
-        wake = min(time.monotonic() + self.account.idle_refresh, self.wake_at, self.session_ends)
-        client.idle()
-        try:
-            while not self.watch.stop.is_set() and time.monotonic() < wake:
-                if client.idle_check(timeout=TICK):
-                    return  # EXISTS, EXPUNGE, FETCH...: a pass now
-                if _closed_by_peer(client.socket()):
-                    raise ConnectionResetError("the server closed the connection")
-        finally:
-            if not _closed_by_peer(client.socket()):
-                client.idle_done()  # waits at most `timeout` for the answer: a dead line raises
-
-    def _poll(self, client: Any) -> None:
-        wake = min(time.monotonic() + self.account.poll_interval, self.wake_at, self.session_ends)
-        while not self.watch.stop.is_set() and time.monotonic() < wake:
-            self.watch.stop.wait(min(TICK, max(0.0, wake - time.monotonic())))
-        client.noop()
-
     def _wait_for_grant(self, line: str) -> None:
         """Until `auth` replaced the grant file, GRANT_RECHECK passed, or stop."""
         self.log(f"{self.where}: paused: {line}")
@@ -314,19 +288,6 @@ class FolderWatcher:
                 self.log(f"{self.where}: the OAuth2 grant changed; resuming")
                 return
             self.watch.stop.wait(TICK)
-
-
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """True when the server has closed (FIN) or reset (RST) the connection: the socket is
-    readable, and a peek at the raw bytes (under TLS too) finds the end or an error."""
-    try:
-        if not select.select([sock], [], [], 0)[0]:
-            return False
-        return not socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):  # reset, or already shut down by a deadline
-        return True
 
 
 def _monotonic_at(epoch: Optional[float]) -> float:

@@ -1,7 +1,8 @@
-"""The IMAP side of `fetch`, `watch` and `check --account`, on IMAPClient (imported here only).
+"""The IMAP source of `fetch`, `watch` and `check --account`, on IMAPClient (imported here only).
 
 `connect` opens and logs in, turning every way that can fail into an `ImapProblem` with one
-line that says what to do. `ImapFolder` is the only code that talks IMAP for a sync: it reads
+line that says what to do; every command is bounded as a whole by the account's `timeout`
+(`Connection`). `ImapSource` is the mailbox protocol of sources/mailbox.py for IMAP: it reads
 with `BODY.PEEK[]` (the exact bytes, no \\Seen), and changes a message only when told to after
 the ingress said 2xx.
 """
@@ -14,38 +15,30 @@ import functools
 import imaplib
 import logging
 import re
+import select
 import socket
 import ssl
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, After
 from mailbox_relay.outcome import ConfigError
+from mailbox_relay.sources.mailbox import Key, Listing, Opened, SourceProblem
 
 # IMAPClient logs warnings through `logging`, which would reach stderr on its own.
 logging.getLogger("imapclient").addHandler(logging.NullHandler())
 logging.getLogger("imapclient").propagate = False
 
 PIECE = 4 * 1024 * 1024  # larger messages are fetched in pieces of this size
+TICK = 0.5  # how often a waiting watch looks at its stop flag (until watch has one event loop)
 KEEPALIVE = (60, 15, 4)  # idle seconds, interval, probes: a peer gone silent is noticed in ~2 min
 
 
-class ImapProblem(Exception):
-    """Why an IMAP connection or command failed. `login` problems need a person; others pass."""
-
-    def __init__(self, kind: str, line: str) -> None:
-        super().__init__(line)
-        # dns | connect | tls | login | unavailable (the server refused the login for now) |
-        # grant | folder | after | protocol | network (lost or too slow: reconnect)
-        self.kind = kind
-        self.line = line
-
-
-@dataclass(frozen=True)
-class FolderInfo:
-    uidvalidity: int
-    uidnext: int
-    exists: int
+class ImapProblem(SourceProblem):
+    """Why an IMAP connection or command failed. Kinds: dns | connect | tls | login |
+    unavailable (the server refused the login for now) | grant | folder | after | protocol |
+    network (lost or too slow: reconnect)."""
 
 
 # --- the connection ---------------------------------------------------------------------------
@@ -538,16 +531,24 @@ def folder_refused(client: Any, account: Account, name: str, error: BaseExceptio
     return True, f"there is no folder {name!r} in account {account.name}; it has: {listed or 'no folders'}"
 
 
-class ImapFolder:
-    """One selected folder of one connection: what the sync needs, nothing more."""
+class ImapSource:
+    """One account over one IMAP connection, as fetch and watch see every source (see
+    sources/mailbox.py): keys are UIDs, the epoch is UIDVALIDITY, the cursor the last handled
+    UID. Reads with BODY.PEEK[] (the exact bytes, no \\Seen); changes a message only when told
+    to after the ingress said 2xx."""
 
-    def __init__(self, client: Any, account: Account) -> None:
+    key_label = "UID"  # what log lines call a key
+
+    def __init__(self, client: Connection, account: Account) -> None:
         self.client = client
         self.account = account
         self.name = ""
         self._target_checked = False
+        self._idle: Optional[bool] = None
 
-    def select(self, name: str) -> FolderInfo:
+    # --- a pass --------------------------------------------------------------------------------
+
+    def open(self, name: str) -> Opened:
         """SELECT (EXAMINE when nothing will be changed, so even flags stay as they are)."""
         from imapclient.exceptions import IMAPClientError
 
@@ -563,7 +564,7 @@ class ImapFolder:
         uidnext = int(info.get(b"UIDNEXT", 0))
         if not uidnext:  # an old server: the highest UID + 1
             uidnext = max(self.client.search(["ALL"]) or [0]) + 1
-        return FolderInfo(int(info[b"UIDVALIDITY"]), uidnext, int(info.get(b"EXISTS", 0)))
+        return Opened(str(int(info[b"UIDVALIDITY"])), int(info.get(b"EXISTS", 0)), str(uidnext - 1))
 
     def _check_move_target(self) -> None:
         """Before anything is posted: a message the ingress took must be movable afterwards."""
@@ -577,31 +578,33 @@ class ImapFolder:
                 )
             self._target_checked = True
 
-    def search(self, after_uid: int, since: Optional[datetime.date]) -> List[int]:
-        """UIDs above `after_uid` (and on or after `since`), ascending. `N:*` always matches the
-        highest UID even below N, so that one is filtered out here."""
+    def listing(self, cursor: Optional[str], since: Optional[datetime.date]) -> Listing:
+        """UIDs above the cursor (and on or after `since`), ascending; each, once handled, is
+        the new cursor. `N:*` always matches the highest UID even below N: filtered out."""
+        after_uid = int(cursor or 0)
         criteria: List[Any] = ["UID", f"{after_uid + 1}:*"]
         if since is not None:
             criteria += ["SINCE", since]
-        return sorted(uid for uid in self.client.search(criteria) if uid > after_uid)
+        keys = [str(uid) for uid in sorted(uid for uid in self.client.search(criteria) if uid > after_uid)]
+        return Listing(keys, checkpoints={key: key for key in keys})
 
-    def sizes(self, uids: Sequence[int]) -> Dict[int, int]:
-        if not uids:
+    def sizes(self, keys: Sequence[Key]) -> Dict[Key, int]:
+        if not keys:
             return {}
-        found = self.client.fetch(list(uids), ["RFC822.SIZE"])
-        return {uid: int(data[b"RFC822.SIZE"]) for uid, data in found.items() if b"RFC822.SIZE" in data}
+        found = self.client.fetch([int(key) for key in keys], ["RFC822.SIZE"])
+        return {str(uid): int(data[b"RFC822.SIZE"]) for uid, data in found.items() if b"RFC822.SIZE" in data}
 
-    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Dict[int, bytes]:
+    def fetch(self, keys: Sequence[Key], sizes: Mapping[Key, int]) -> Dict[Key, bytes]:
         """The exact bytes (BODY.PEEK[]: nothing is marked \\Seen). A UID expunged meanwhile is
         simply absent. A large message comes in pieces, so memory stays near its size."""
-        small = [uid for uid in uids if sizes.get(uid, 0) <= PIECE]
+        small = [int(key) for key in keys if sizes.get(key, 0) <= PIECE]
         found = self.client.fetch(small, ["BODY.PEEK[]"]) if small else {}
-        bodies = {uid: data[b"BODY[]"] for uid, data in found.items() if data.get(b"BODY[]") is not None}
-        for uid in uids:
-            if sizes.get(uid, 0) > PIECE:
-                whole = self._in_pieces(uid)
+        bodies = {str(uid): data[b"BODY[]"] for uid, data in found.items() if data.get(b"BODY[]") is not None}
+        for key in keys:
+            if sizes.get(key, 0) > PIECE:
+                whole = self._in_pieces(int(key))
                 if whole is not None:
-                    bodies[uid] = whole
+                    bodies[key] = whole
         return bodies
 
     def _in_pieces(self, uid: int) -> Optional[bytes]:
@@ -618,10 +621,10 @@ class ImapFolder:
             if len(piece) < PIECE:
                 return whole  # type: ignore[return-value]  # a bytearray: no copy of 50 MB
 
-    def acknowledge(self, uids: Iterable[int], after: After) -> None:
+    def acknowledge(self, keys: Sequence[Key], after: After) -> None:
         """What `after` says, for messages the ingress accepted. With UIDPLUS only our messages
         are expunged (plain EXPUNGE would remove other clients' \\Deleted mail too)."""
-        uids = list(uids)
+        uids = [int(key) for key in keys]
         if not uids or after.action == "keep":
             return
         from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
@@ -653,3 +656,68 @@ class ImapFolder:
             self.client.uid_expunge(uids)
         # Without UIDPLUS the messages stay flagged \Deleted: a plain EXPUNGE could remove mail
         # another client flagged but still wanted (it is the server's or the user's to purge).
+
+    # --- watch ---------------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        if self._idle is None:
+            self._idle = bool(self.client.has_capability("IDLE"))
+        return self._idle
+
+    @property
+    def waiting(self) -> str:
+        return "IDLE" if self.idle else f"polling every {self.account.poll_interval:g}s"
+
+    def wait(self, until: float, stop: threading.Event) -> None:
+        """IDLE until something arrives, `idle_refresh` passes, `until`, or stop; or a NOOP
+        after `poll_interval` where the server has no IDLE. Either is a server round-trip that
+        proves the connection alive."""
+        if self.idle:
+            self._idle_wait(min(time.monotonic() + self.account.idle_refresh, until), stop)
+        else:
+            self._poll_wait(min(time.monotonic() + self.account.poll_interval, until), stop)
+
+    def _idle_wait(self, wake: float, stop: threading.Event) -> None:
+        """A connection the server closed or reset is noticed at once: IMAPClient's idle_check
+        swallows EOF and answers "nothing new", which would otherwise spin until the next
+        IDLE re-issue."""
+        self.client.idle()
+        try:
+            while not stop.is_set() and time.monotonic() < wake:
+                if self.client.idle_check(timeout=TICK):
+                    return  # EXISTS, EXPUNGE, FETCH...: a pass now
+                if _closed_by_peer(self.client.socket()):
+                    raise ConnectionResetError("the server closed the connection")
+        finally:
+            if not _closed_by_peer(self.client.socket()):
+                self.client.idle_done()  # bounded by `timeout`: a dead line raises
+
+    def _poll_wait(self, wake: float, stop: threading.Event) -> None:
+        while not stop.is_set() and time.monotonic() < wake:
+            stop.wait(min(TICK, max(0.0, wake - time.monotonic())))
+        self.client.noop()
+
+    def replace_at(self) -> Optional[float]:
+        return session_replace_at(self.client)
+
+    def close(self) -> None:
+        close(self.client)
+
+
+def connect_source(account: Account) -> ImapSource:
+    """The account's IMAP source, logged in (see sources/mailbox.py)."""
+    return ImapSource(connect(account), account)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the server has closed (FIN) or reset (RST) the connection: the socket is
+    readable, and a peek at the raw bytes (under TLS too) finds the end or an error."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        return not socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset, or already shut down by a deadline
+        return True

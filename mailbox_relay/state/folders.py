@@ -1,15 +1,18 @@
-"""The state of `fetch` and `watch` (SQLite): per account and folder, where delivery has got.
+"""The state of `fetch` and `watch` (SQLite): per account and folder, where delivery has got,
+for any source (sources/mailbox.py).
 
-A folder's row holds its UIDVALIDITY and a watermark, `last_uid`: every UID at or below it was
-delivered, found invalid, or is listed in `messages` for another try. Catching up after any
-downtime is therefore `UID SEARCH last_uid+1:*`, never "since yesterday". Rows are committed
-after each message, in WAL mode: after `kill -9` at most the message in flight is posted again,
-with the same bytes, which Rails stores once.
+A folder's row holds its epoch (IMAP's UIDVALIDITY) and a cursor the source gave (IMAP: the
+last handled UID): everything up to the cursor was delivered, found invalid, or is listed in
+`messages` for another try, so catching up after any downtime starts there, never "since
+yesterday". Sources whose cursor cannot say that (POP3's UIDLs, Graph's ids) have each
+delivered key recorded in `messages` too. Rows are committed per fetched batch, in WAL mode:
+after `kill -9` at most the batch in flight is posted again, with the same bytes, which Rails
+stores once.
 
 Two processes may share the file, but never pass over one folder at the same time: each pass
 holds that folder's lock (`FolderLock`, an flock on a file beside the state), so two `fetch`
 runs, or a `fetch` beside a `watch`, cannot post the same messages twice or expunge under each
-other. Every SQLite failure becomes a `StateProblem` that names the file and what to do.
+other. Every SQLite failure is a `StateProblem` that names the file and what to do (store.py).
 """
 
 from __future__ import annotations
@@ -21,18 +24,21 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
-from mailbox_relay.outcome import ConfigError
 from mailbox_relay.settings import state_home
+from mailbox_relay.state import store
+from mailbox_relay.state.store import StateProblem, problem
+
+__all__ = ["FetchState", "FolderBusy", "FolderLock", "FolderState", "StateProblem", "default_path"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS folders (
     account TEXT NOT NULL,
     folder TEXT NOT NULL,
-    uidvalidity INTEGER NOT NULL,
-    last_uid INTEGER NOT NULL,
-    since TEXT,                 -- a SINCE date that still applies (start = DATE, a new UIDVALIDITY)
+    epoch TEXT,                 -- the source's epoch (IMAP: UIDVALIDITY), NULL while only an error
+    cursor TEXT,                -- the source's cursor (IMAP: the last handled UID)
+    since TEXT,                 -- a date that still applies (start = DATE, until a pass completes)
     first_seen REAL NOT NULL,
     last_sync REAL,
     last_delivered REAL,
@@ -48,21 +54,28 @@ CREATE TABLE IF NOT EXISTS folders (
 CREATE TABLE IF NOT EXISTS messages (
     account TEXT NOT NULL,
     folder TEXT NOT NULL,
-    uidvalidity INTEGER NOT NULL,
-    uid INTEGER NOT NULL,
-    status TEXT NOT NULL,       -- retry | quarantined | invalid
+    epoch TEXT NOT NULL,
+    key TEXT NOT NULL,
+    status TEXT NOT NULL,       -- retry | quarantined | invalid | delivered
     tries INTEGER NOT NULL,
     first_failed REAL NOT NULL,
     next_try REAL,
     reason TEXT NOT NULL,
-    PRIMARY KEY (account, folder, uidvalidity, uid)
+    PRIMARY KEY (account, folder, epoch, key)
 );
 """
 
-# Columns added since the first release, for state files made by an older version.
-_ADDED_COLUMNS = {"watcher_until": "REAL"}
-NOT_SYNCED = 0  # uidvalidity of a row that only records an error: IMAP's UIDVALIDITY is never 0
-BUSY_SECONDS = 30.0  # how long a write waits for another process's transaction
+# The first layout (IMAP only) kept uidvalidity and last_uid as integers: copied over once.
+_FROM_IMAP_LAYOUT = """
+INSERT INTO folders SELECT account, folder,
+    CASE uidvalidity WHEN 0 THEN NULL ELSE CAST(uidvalidity AS TEXT) END, CAST(last_uid AS TEXT),
+    since, first_seen, last_sync, last_delivered, delivered, invalid, last_error, last_error_at,
+    watcher_pid, watcher_since, {watcher_until} FROM folders_imap;
+INSERT INTO messages SELECT account, folder, CAST(uidvalidity AS TEXT), CAST(uid AS TEXT), status,
+    tries, first_failed, next_try, reason FROM messages_imap;
+DROP TABLE folders_imap;
+DROP TABLE messages_imap;
+"""
 
 RETRY_FIRST = 60.0  # seconds before a failed message is tried again; doubles each try,
 RETRY_CAP = 3600.0  # up to an hour
@@ -72,63 +85,30 @@ def default_path(environ: Mapping[str, str]) -> str:
     return os.path.join(state_home(environ), "fetch.sqlite3")
 
 
-class StateProblem(ConfigError):
-    """The state file cannot be used now: damaged, not writable, or locked too long."""
-
-    def __init__(self, path: str, problem: str, advice: str) -> None:
-        super().__init__(f"the fetch state {path} {problem}: {advice}")
-        self.path = path
-
-
-def _problem(path: str, error: BaseException) -> StateProblem:
-    """An SQLite or OS error as what it means for the user, and what to do about it."""
-    text = str(error)
-    if isinstance(error, OSError):
-        return StateProblem(
-            path, f"cannot be created ({error.strerror or text})", "set fetch_state to a writable path"
-        )
-    if "locked" in text or "busy" in text:
-        return StateProblem(
-            path,
-            f"was locked by another process for more than {BUSY_SECONDS:g}s ({text})",
-            "what was delivered is safe; anything not recorded is posted again on the next run "
-            "(Rails stores it once)",
-        )
-    if "readonly" in text or "unable to open" in text or "disk I/O" in text or "full" in text:
-        return StateProblem(
-            path,
-            f"cannot be opened or written ({text})",
-            "check its permissions and free space, or set fetch_state",
-        )
-    if isinstance(error, sqlite3.DatabaseError):  # "file is not a database", "malformed"...
-        return StateProblem(
-            path,
-            f"is damaged ({text})",
-            "move it aside (each folder then starts again as `start` says; Rails stores re-posted mail once)",
-        )
-    return StateProblem(path, f"cannot be used ({type(error).__name__}: {text})", "see the error")
-
-
 def synced_folders(path: str) -> FrozenSet[Tuple[str, str]]:
     """(account, folder) of every folder synced so far, read only: nothing is created, and a
     state that cannot be read counts as none synced (for `check --account`'s notes)."""
     if not os.path.exists(path):
         return frozenset()
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-        try:
-            rows = db.execute("SELECT account, folder FROM folders WHERE uidvalidity<>?", (NOT_SYNCED,))
-            return frozenset((str(account), str(folder)) for account, folder in rows)
-        finally:
-            db.close()
+        db = store.open_db(path, readonly=True)
+    except StateProblem:
+        return frozenset()
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(folders)")}
+        synced = "epoch IS NOT NULL" if "epoch" in columns else "uidvalidity <> 0"
+        rows = db.execute(f"SELECT account, folder FROM folders WHERE {synced}")
+        return frozenset((str(account), str(folder)) for account, folder in rows)
     except sqlite3.Error:
         return frozenset()
+    finally:
+        db.close()
 
 
 @dataclass(frozen=True)
 class FolderState:
-    uidvalidity: int
-    last_uid: int
+    epoch: str
+    cursor: Optional[str]
     since: Optional[str]
     first_seen: float
 
@@ -140,27 +120,31 @@ def retry_delay(tries: int) -> float:
 class FetchState:
     def __init__(self, path: str) -> None:
         self.path = path
+        self._db = store.open_db(path)
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            # One connection per thread (each watcher opens its own); transactions are explicit.
-            self._db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_SECONDS)
-        except (OSError, sqlite3.Error) as error:
-            raise _problem(path, error) from None
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._upgrade()
             self._db.executescript(_SCHEMA)
-            self._add_columns()
-            os.chmod(path, 0o600)  # folder names and error lines are nobody else's business
-        except (OSError, sqlite3.Error) as error:
+        except (sqlite3.Error, StateProblem) as error:
             self._db.close()
-            raise _problem(path, error) from None
+            if isinstance(error, StateProblem):
+                raise
+            raise problem(path, error) from None
 
-    def _add_columns(self) -> None:
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(folders)")}
-        for name, kind in _ADDED_COLUMNS.items():
-            if name not in have:
-                self._db.execute(f"ALTER TABLE folders ADD COLUMN {name} {kind}")
+    def _upgrade(self) -> None:
+        """A state file of the IMAP-only layout becomes this one, in one transaction."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(folders)")}
+        if "uidvalidity" not in columns:
+            return
+        with store.transaction(self._db, self.path):
+            self._db.execute("ALTER TABLE folders RENAME TO folders_imap")
+            self._db.execute("ALTER TABLE messages RENAME TO messages_imap")
+            for statement in _SCHEMA.split(";"):  # (no semicolon in its comments)
+                if statement.strip():
+                    self._db.execute(statement)
+            watcher_until = "watcher_until" if "watcher_until" in columns else "NULL"
+            for statement in _FROM_IMAP_LAYOUT.format(watcher_until=watcher_until).split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -170,19 +154,10 @@ class FetchState:
         try:
             return self._db.execute(sql, args)
         except sqlite3.Error as error:
-            raise _problem(self.path, error) from None
+            raise problem(self.path, error) from None
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction; every failure (the commit's too) is a StateProblem."""
-        self._run("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-            raise
-        self._run("COMMIT")
+    def _transaction(self) -> Any:
+        return store.transaction(self._db, self.path)
 
     def lock(self, account: str, folder: str) -> FolderLock:
         """The lock one pass over this folder holds (see FolderLock)."""
@@ -191,38 +166,42 @@ class FetchState:
     # --- folders ---------------------------------------------------------------------------
 
     def folder(self, account: str, folder: str) -> Optional[FolderState]:
+        """The folder's state, or None if it was never synced (a row may hold only an error)."""
         row = self._run(
-            "SELECT uidvalidity, last_uid, since, first_seen FROM folders WHERE account=? AND folder=?",
+            "SELECT epoch, cursor, since, first_seen FROM folders WHERE account=? AND folder=?",
             account,
             folder,
         ).fetchone()
-        if row is None or row[0] == NOT_SYNCED:
+        if row is None or row[0] is None:
             return None
         return FolderState(*row)
 
-    def begin(self, account: str, folder: str, uidvalidity: int, last_uid: int, since: Optional[str]) -> None:
-        """A folder seen for the first time, or under a new UIDVALIDITY (its old UIDs mean nothing)."""
-        now = time.time()
-        self._run(
-            "INSERT INTO folders (account, folder, uidvalidity, last_uid, since, first_seen) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account, folder) DO UPDATE SET "
-            "uidvalidity=excluded.uidvalidity, last_uid=excluded.last_uid, since=excluded.since",
-            account,
-            folder,
-            uidvalidity,
-            last_uid,
-            since,
-            now,
-        )
-        self._run(
-            "DELETE FROM messages WHERE account=? AND folder=? AND uidvalidity<>?",
-            account,
-            folder,
-            uidvalidity,
-        )
+    def begin(
+        self, account: str, folder: str, epoch: str, cursor: Optional[str], since: Optional[str]
+    ) -> None:
+        """A folder seen for the first time, or in a new epoch (its old keys mean nothing)."""
+        with self._transaction():
+            self._run(
+                "INSERT INTO folders (account, folder, epoch, cursor, since, first_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account, folder) DO UPDATE SET "
+                "epoch=excluded.epoch, cursor=excluded.cursor, since=excluded.since",
+                account,
+                folder,
+                epoch,
+                cursor,
+                since,
+                time.time(),
+            )
+            self._run(
+                "DELETE FROM messages WHERE account=? AND folder=? AND epoch<>?", account, folder, epoch
+            )
+
+    def advance(self, account: str, folder: str, cursor: str) -> None:
+        """The source's cursor for a listing handled in full (Graph's next delta link)."""
+        self._run("UPDATE folders SET cursor=? WHERE account=? AND folder=?", cursor, account, folder)
 
     def synced(self, account: str, folder: str, *, complete: bool) -> None:
-        """A pass ended; a complete one ends a SINCE restriction and clears the last error."""
+        """A pass ended; a complete one ends a `since` restriction and clears the last error."""
         extra = ", since=NULL, last_error=NULL" if complete else ""
         self._run(
             f"UPDATE folders SET last_sync=?{extra} WHERE account=? AND folder=?",
@@ -232,16 +211,15 @@ class FetchState:
         )
 
     def error(self, account: str, folder: str, line: str) -> None:
-        """The last problem of a folder, with its time: IMAP, token, password command or ingress.
-        A folder never synced gets a row that holds only this (uidvalidity NOT_SYNCED)."""
+        """The last problem of a folder, with its time: source, token, password command, state or
+        ingress. A folder never synced gets a row that holds only this (epoch NULL)."""
         now = time.time()
         self._run(
-            "INSERT INTO folders (account, folder, uidvalidity, last_uid, first_seen, last_error, "
-            "last_error_at) VALUES (?, ?, ?, 0, ?, ?, ?) ON CONFLICT (account, folder) DO UPDATE SET "
+            "INSERT INTO folders (account, folder, first_seen, last_error, last_error_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account, folder) DO UPDATE SET "
             "last_error=excluded.last_error, last_error_at=excluded.last_error_at",
             account,
             folder,
-            NOT_SYNCED,
             now,
             line,
             now,
@@ -272,67 +250,82 @@ class FetchState:
         )
 
     # --- messages --------------------------------------------------------------------------
+    # `cursor`: the source's cursor once this message (and every one before it) is handled;
+    # None leaves it (a retried message, or a source that moves it only at the end).
 
-    def delivered(self, account: str, folder: str, uidvalidity: int, uids: Sequence[int]) -> None:
+    def delivered(
+        self,
+        account: str,
+        folder: str,
+        epoch: str,
+        keys: Sequence[str],
+        cursor: Optional[str] = None,
+        remember: bool = False,
+    ) -> None:
         """Messages the ingress accepted (and `after` was applied to), in one transaction."""
         with self._transaction():
             self._run(
-                "UPDATE folders SET last_uid=MAX(last_uid, ?), delivered=delivered+?, last_delivered=? "
+                "UPDATE folders SET cursor=COALESCE(?, cursor), delivered=delivered+?, last_delivered=? "
                 "WHERE account=? AND folder=?",
-                max(uids),
-                len(uids),
+                cursor,
+                len(keys),
                 time.time(),
                 account,
                 folder,
             )
-            for uid in uids:
-                self._forget(account, folder, uidvalidity, uid)
+            for key in keys:
+                if remember:
+                    self._record(account, folder, epoch, key, "delivered", "delivered", None)
+                else:
+                    self._forget(account, folder, epoch, key)
 
-    def gone(self, account: str, folder: str, uidvalidity: int, uid: int) -> None:
+    def gone(self, account: str, folder: str, epoch: str, key: str, cursor: Optional[str] = None) -> None:
         """Expunged by someone else (a second watcher, a person): nothing left to do."""
         with self._transaction():
-            self._run(
-                "UPDATE folders SET last_uid=MAX(last_uid, ?) WHERE account=? AND folder=?",
-                uid,
-                account,
-                folder,
-            )
-            self._forget(account, folder, uidvalidity, uid)
+            self._move(account, folder, cursor)
+            self._forget(account, folder, epoch, key)
 
-    def _forget(self, account: str, folder: str, uidvalidity: int, uid: int) -> None:
+    def _move(self, account: str, folder: str, cursor: Optional[str]) -> None:
+        if cursor is not None:
+            self._run("UPDATE folders SET cursor=? WHERE account=? AND folder=?", cursor, account, folder)
+
+    def _forget(self, account: str, folder: str, epoch: str, key: str) -> None:
         self._run(
-            "DELETE FROM messages WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
+            "DELETE FROM messages WHERE account=? AND folder=? AND epoch=? AND key=?",
             account,
             folder,
-            uidvalidity,
-            uid,
+            epoch,
+            key,
         )
 
-    def invalid(self, account: str, folder: str, uidvalidity: int, uid: int, reason: str) -> None:
+    def invalid(
+        self, account: str, folder: str, epoch: str, key: str, reason: str, cursor: Optional[str] = None
+    ) -> None:
         with self._transaction():
-            self._record(account, folder, uidvalidity, uid, "invalid", reason, None)
-            self._run(
-                "UPDATE folders SET last_uid=MAX(last_uid, ?), invalid=invalid+1 "
-                "WHERE account=? AND folder=?",
-                uid,
-                account,
-                folder,
-            )
+            self._record(account, folder, epoch, key, "invalid", reason, None)
+            self._run("UPDATE folders SET invalid=invalid+1 WHERE account=? AND folder=?", account, folder)
+            self._move(account, folder, cursor)
 
     def failed(
-        self, account: str, folder: str, uidvalidity: int, uid: int, reason: str, max_tries: int
+        self,
+        account: str,
+        folder: str,
+        epoch: str,
+        key: str,
+        reason: str,
+        max_tries: int,
+        cursor: Optional[str] = None,
     ) -> str:
         """Count a failed try; returns "retry", or "quarantined" once the message has failed
         `max_tries` times and some other message of the folder got through after its first failure
         (so the fault is this message's, not an ingress that is down for everyone)."""
         with self._transaction():
             row = self._run(
-                "SELECT tries, first_failed FROM messages "
-                "WHERE account=? AND folder=? AND uidvalidity=? AND uid=?",
+                "SELECT tries, first_failed FROM messages WHERE account=? AND folder=? AND epoch=? AND key=?",
                 account,
                 folder,
-                uidvalidity,
-                uid,
+                epoch,
+                key,
             ).fetchone()
             tries, first_failed = (row[0] + 1, row[1]) if row else (1, time.time())
             last = self._run(
@@ -341,21 +334,16 @@ class FetchState:
             others_flow = bool(last and last[0] is not None and last[0] > first_failed)
             status = "quarantined" if tries >= max_tries and others_flow else "retry"
             next_try = time.time() + retry_delay(tries) if status == "retry" else None
-            self._record(account, folder, uidvalidity, uid, status, reason, next_try, tries, first_failed)
-            self._run(
-                "UPDATE folders SET last_uid=MAX(last_uid, ?) WHERE account=? AND folder=?",
-                uid,
-                account,
-                folder,
-            )
+            self._record(account, folder, epoch, key, status, reason, next_try, tries, first_failed)
+            self._move(account, folder, cursor)
         return status
 
     def _record(
         self,
         account: str,
         folder: str,
-        uidvalidity: int,
-        uid: int,
+        epoch: str,
+        key: str,
         status: str,
         reason: str,
         next_try: Optional[float],
@@ -366,8 +354,8 @@ class FetchState:
             "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             account,
             folder,
-            uidvalidity,
-            uid,
+            epoch,
+            key,
             status,
             tries,
             first_failed or time.time(),
@@ -375,17 +363,38 @@ class FetchState:
             reason,
         )
 
-    def due(self, account: str, folder: str, uidvalidity: int, now: Optional[float] = None) -> List[int]:
-        """Failed messages whose next try has come."""
+    def recorded(self, account: str, folder: str, epoch: str) -> Set[str]:
+        """Keys with any record (delivered, invalid, failed, quarantined): not new."""
         rows = self._run(
-            "SELECT uid FROM messages WHERE account=? AND folder=? AND uidvalidity=? AND status='retry' "
-            "AND next_try<=? ORDER BY uid",
+            "SELECT key FROM messages WHERE account=? AND folder=? AND epoch=?", account, folder, epoch
+        )
+        return {str(row[0]) for row in rows}
+
+    def prune(self, account: str, folder: str, epoch: str, present: FrozenSet[str]) -> None:
+        """Forget delivered keys the server no longer has (POP3: the set would grow forever)."""
+        gone = [key for key in self.recorded(account, folder, epoch) if key not in present]
+        with self._transaction():
+            for key in gone:
+                self._run(
+                    "DELETE FROM messages WHERE account=? AND folder=? AND epoch=? AND key=? "
+                    "AND status='delivered'",
+                    account,
+                    folder,
+                    epoch,
+                    key,
+                )
+
+    def due(self, account: str, folder: str, epoch: str, now: Optional[float] = None) -> List[str]:
+        """Failed messages whose next try has come, the oldest failure first."""
+        rows = self._run(
+            "SELECT key FROM messages WHERE account=? AND folder=? AND epoch=? AND status='retry' "
+            "AND next_try<=? ORDER BY first_failed, key",
             account,
             folder,
-            uidvalidity,
+            epoch,
             time.time() if now is None else now,
         )
-        return [row[0] for row in rows]
+        return [str(row[0]) for row in rows]
 
     def next_try(self, account: str, folder: str) -> Optional[float]:
         """When the earliest failed message is due again (time.time()), if any is waiting."""
@@ -416,15 +425,19 @@ class FetchState:
     # --- status ----------------------------------------------------------------------------
 
     def report(self) -> List[Dict[str, Any]]:
-        """Every folder's row, with its counts of messages by status."""
+        """Every folder's row, with its counts of messages by status. `uidvalidity` and
+        `last_uid` keep their IMAP names (numbers where the source's are numbers)."""
         folders = self._run(
-            "SELECT account, folder, uidvalidity, last_uid, last_sync, last_delivered, delivered, invalid, "
+            "SELECT account, folder, epoch, cursor, last_sync, last_delivered, delivered, invalid, "
             "last_error, last_error_at, watcher_pid, watcher_since, watcher_until FROM folders "
             "ORDER BY account, folder"
         )
         names = [column[0] for column in folders.description]
         rows = [dict(zip(names, row)) for row in folders.fetchall()]
         for row in rows:
+            row["synced"] = row["epoch"] is not None
+            row["uidvalidity"] = _number(row.pop("epoch"))
+            row["last_uid"] = _number(row.pop("cursor"))
             counts = self._run(
                 "SELECT status, COUNT(*) FROM messages WHERE account=? AND folder=? GROUP BY status",
                 row["account"],
@@ -434,15 +447,20 @@ class FetchState:
             row["failed"] = by_status.get("retry", 0)
             row["quarantined"] = by_status.get("quarantined", 0)
             row["quarantined_uids"] = [
-                {"uid": uid, "tries": tries, "reason": reason}
-                for uid, tries, reason in self._run(
-                    "SELECT uid, tries, reason FROM messages WHERE account=? AND folder=? "
-                    "AND status='quarantined' ORDER BY uid",
+                {"uid": _number(key), "tries": tries, "reason": reason}
+                for key, tries, reason in self._run(
+                    "SELECT key, tries, reason FROM messages WHERE account=? AND folder=? "
+                    "AND status='quarantined' ORDER BY first_failed, key",
                     row["account"],
                     row["folder"],
                 )
             ]
         return rows
+
+
+def _number(value: Optional[str]) -> Any:
+    """An IMAP UID or UIDVALIDITY as the number it is; other sources' text as it is."""
+    return int(value) if value is not None and value.isdigit() else value
 
 
 class FolderBusy(Exception):
@@ -475,7 +493,7 @@ class FolderLock:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as error:
-            raise _problem(self.state_path, error) from None
+            raise problem(self.state_path, error) from None
         until = time.monotonic() + wait
         while True:
             try:
@@ -484,7 +502,7 @@ class FolderLock:
             except OSError as error:
                 if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     os.close(fd)
-                    raise _problem(self.state_path, error) from None
+                    raise problem(self.state_path, error) from None
             if time.monotonic() >= until or stopping():
                 holder = _holder(fd)
                 os.close(fd)

@@ -9,12 +9,12 @@ a rerun re-sends at most the messages that were in flight. A message whose bytes
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from typing import Iterable, Mapping, Tuple
 
 from mailbox_relay.settings import state_home
 from mailbox_relay.sources.files import printable
+from mailbox_relay.state.store import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delivered (
@@ -35,13 +35,9 @@ class Journal:
     """Names are stored as `printable` text: SQLite takes no lone surrogates (non-UTF-8 names)."""
 
     def __init__(self, path: str) -> None:
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        """A StateProblem (naming the file and --state) if it cannot be opened."""
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable against kill -9 in WAL mode
-        self._db.execute(_SCHEMA)
+        self._db = open_db(path, _SCHEMA, what="journal", setting="--state")
 
     def delivered(self, source: str, key: str, sha256: str) -> bool:
         row = self._db.execute(
