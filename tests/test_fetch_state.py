@@ -19,7 +19,7 @@ import pytest
 from mailbox_relay.accounts import After, parse_account
 from mailbox_relay.fetch.rules import FolderSync
 from mailbox_relay.message import Prepared
-from mailbox_relay.outcome import DELIVERED, Outcome
+from mailbox_relay.outcome import DELIVERED, Outcome, Reason
 from mailbox_relay.sources.mailbox import Listing, Opened
 from mailbox_relay.state import store
 from mailbox_relay.state.folders import FetchState, FolderBusy, FolderLock
@@ -56,14 +56,19 @@ class DatedFolder:
     def open(self, name: str) -> Opened:
         return Opened(str(self.uidvalidity), len(self.messages), str(self.next_uid - 1))
 
-    def listing(self, cursor: Optional[str], since: Optional[datetime.date]) -> Listing:
-        after = int(cursor or 0)
+    def listing(
+        self, cursor: Optional[str], since: Optional[datetime.date], through: Optional[str] = None
+    ) -> Listing:
+        """As ImapSource's: the date sorts only the UIDs up to `through`."""
+        after, last = int(cursor or 0), int(through) if through is not None else None
         keys = [
             str(uid)
             for uid in sorted(self.messages)
-            if uid > after and (since is None or self.dates[uid] >= since)
+            if uid > after
+            and (since is None or self.dates[uid] >= since or (last is not None and uid > last))
         ]
-        return Listing(keys, checkpoints={key: key for key in keys})
+        final = str(max([last, *map(int, keys)])) if since is not None and last is not None else None
+        return Listing(keys, checkpoints={key: key for key in keys}, final=final)
 
     def sizes(self, keys: Sequence[str]) -> Dict[str, int]:
         return {key: len(self.messages[int(key)]) for key in keys if int(key) in self.messages}
@@ -118,6 +123,35 @@ def test_after_a_uidvalidity_change_no_date_hides_a_message(
     result = sync(state, ingress, start).run(folder, "INBOX")
     assert sorted(ingress.posted[1:]) == [2, 3, 4] and result.delivered == 3
     assert sync(state, ingress, start).run(folder, "INBOX").found == 0  # and nothing twice
+
+
+def test_with_a_start_date_mail_arriving_later_is_new_whatever_its_date(state: FetchState) -> None:
+    """The date sorts what was there at first sight. A first pass paused by the ingress keeps
+    the date in force; a back-dated message arriving then must still be delivered."""
+    folder, ingress = DatedFolder(), Ingress()
+    start = (TODAY - datetime.timedelta(days=30)).isoformat()
+    folder.append(1, datetime.date(2020, 1, 1))  # older than start: left alone
+    folder.append(2, TODAY)
+    refused = Outcome(Reason.UNREACHABLE, "connection refused")
+    paused = sync(state, lambda prepared: refused, start).run(folder, "INBOX")  # type: ignore[arg-type]
+    assert paused.paused and paused.delivered == 0
+    folder.append(3, datetime.date(2020, 1, 1))  # back-dated, arriving after the first sight
+    folder.append(4, TODAY)
+    result = sync(state, ingress, start).run(folder, "INBOX")
+    assert sorted(ingress.posted) == [2, 3, 4] and result.delivered == 3
+
+
+def test_with_a_start_date_a_first_pass_that_finds_nothing_still_leaves_the_old_alone(
+    state: FetchState,
+) -> None:
+    folder, ingress = DatedFolder(), Ingress()
+    folder.append(1, datetime.date(2020, 1, 1))
+    folder.append(2, datetime.date(2020, 2, 1))
+    start = TODAY.isoformat()
+    first = sync(state, ingress, start).run(folder, "INBOX")
+    assert (first.found, first.left_alone) == (0, 2)
+    folder.append(3, TODAY)
+    assert sync(state, ingress, start).run(folder, "INBOX").delivered == 1 and ingress.posted == [3]
 
 
 def test_a_first_pass_says_what_start_new_left_alone(state: FetchState) -> None:

@@ -42,7 +42,9 @@ class MemoryFolder:
     def open(self, name: str) -> Opened:
         return Opened(str(self.uidvalidity), len(self.messages), str(max(self.messages, default=0)))
 
-    def listing(self, cursor: Optional[str], since: Optional[datetime.date]) -> Listing:
+    def listing(
+        self, cursor: Optional[str], since: Optional[datetime.date], through: Optional[str] = None
+    ) -> Listing:
         keys = [str(uid) for uid in sorted(self.messages) if uid > int(cursor or 0)]
         return Listing(keys, checkpoints={key: key for key in keys})
 

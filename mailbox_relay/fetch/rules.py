@@ -116,7 +116,7 @@ class FolderSync:
         known = self._known(opened, name)
         since = datetime.date.fromisoformat(known.since) if known.since else None
         due = state.due(account, name, opened.epoch)
-        listing = source.listing(known.cursor, since)
+        listing = source.listing(known.cursor, since, known.since_through if since else None)
         if listing.present is not None:
             state.prune(account, name, opened.epoch, listing.present)
         recorded = state.recorded(account, name, opened.epoch)
@@ -142,9 +142,13 @@ class FolderSync:
         known = self.state.folder(account.name, name)
         if known is not None and known.epoch == opened.epoch:
             return known
+        through = None
         if known is None:
             cursor = opened.newest if account.start == "new" else None
             since = account.start_date.isoformat() if account.start_date else None
+            # The date sorts only what is there now: anything arriving later is new mail,
+            # whatever date it carries (a back-dated message must not be hidden by it).
+            through = opened.newest if since else None
         else:
             # Every key is new to us, whatever its date: a message back-dated (or copied in with
             # its old date) belongs to the new epoch too, so no date may hide it. What was
@@ -155,7 +159,7 @@ class FolderSync:
                 f"delivering every message in it ({opened.exists}) again, whatever its date "
                 "(Rails keeps one copy of identical messages)"
             )
-        self.state.begin(account.name, name, opened.epoch, cursor, since)
+        self.state.begin(account.name, name, opened.epoch, cursor, since, through)
         found = self.state.folder(account.name, name)
         assert found is not None
         return found

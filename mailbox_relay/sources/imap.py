@@ -31,6 +31,7 @@ logging.getLogger("imapclient").addHandler(logging.NullHandler())
 logging.getLogger("imapclient").propagate = False
 
 PIECE = 4 * 1024 * 1024  # larger messages are fetched in pieces of this size
+MIN_RATE = 64 * 1024  # bytes a second a body fetch must keep up, beyond `timeout` (see Connection.reading)
 TICK = 0.5  # how often a waiting watch looks at its stop flag (until watch has one event loop)
 KEEPALIVE = (60, 15, 4)  # idle seconds, interval, probes: a peer gone silent is noticed in ~2 min
 
@@ -50,11 +51,45 @@ def _open_socket(host: str, port: int, timeout: Optional[float]) -> socket.socke
     from mailbox_relay import deadline
 
     guard = deadline.current()
-    if guard is not None:
-        timeout = max(0.05, min(timeout or guard.seconds, guard.left()))
-    sock = socket.create_connection((host, port), timeout)
-    deadline.watch(sock)
-    return sock
+    left = guard.left if guard is not None else (lambda: timeout or 30.0)
+    addresses = _resolve(host, port, left())
+    error: Optional[OSError] = None
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        deadline.watch(sock)  # registered before connect: a blackholed SYN is cut too
+        sock.settimeout(max(0.05, min(timeout or left(), left())))
+        try:
+            sock.connect(address)
+        except OSError as failed:
+            sock.close()
+            error = failed
+            if left() <= 0.05:
+                break
+            continue
+        return sock
+    raise error or OSError(f"no address of {host} could be reached")
+
+
+def _resolve(host: str, port: int, seconds: float) -> List[Any]:
+    """getaddrinfo within `seconds`: it runs before there is a socket a deadline could shut, so
+    it runs in a helper thread that is not waited for past the bound."""
+    found: List[Any] = []
+    failure: List[BaseException] = []
+
+    def resolve() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as error:  # gaierror above all: handed to the caller
+            failure.append(error)
+
+    helper = threading.Thread(target=resolve, name=f"resolve {host}", daemon=True)
+    helper.start()
+    helper.join(max(0.05, seconds))
+    if failure:
+        raise failure[0]
+    if helper.is_alive():
+        raise socket.gaierror(f"no answer from the resolver within {seconds:.0f}s")
+    return found
 
 
 class _Imap4(imaplib.IMAP4):
@@ -241,6 +276,18 @@ class Connection:
         self.client = client
         self.account = account
         self.lost: Optional[ImapProblem] = None
+        self._extra = 0.0  # seconds a body fetch may take beyond `timeout` (see reading)
+
+    @contextlib.contextmanager
+    def reading(self, size: int) -> Iterator[None]:
+        """Commands inside fetch about `size` bytes of bodies: each may take `timeout` plus a
+        second per MIN_RATE bytes, so a large message on a slow but steady link is fetched, while
+        a server that trickles (slower than MIN_RATE) is still cut off."""
+        self._extra = size / MIN_RATE
+        try:
+            yield
+        finally:
+            self._extra = 0.0
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.client, name)
@@ -252,7 +299,7 @@ class Connection:
         if self.lost is not None:
             raise ImapProblem(self.lost.kind, self.lost.line)
         command = _command(name, args, kwargs)
-        seconds = self.account.timeout
+        seconds = self.account.timeout + self._extra
         if name == "idle_check":
             seconds += float(kwargs.get("timeout", args[0] if args else 0) or 0)
         from mailbox_relay import deadline
@@ -286,6 +333,8 @@ class Connection:
 def _is_lost(error: BaseException) -> bool:
     """The connection broke (reset, closed, timed out), as opposed to the server saying no.
     IMAPClient turns a broken connection at login into LoginError; its context tells."""
+    if isinstance(error, imaplib.IMAP4.readonly):  # an answer (the folder is read-only), not a loss
+        return False
     if isinstance(error, (OSError, EOFError, imaplib.IMAP4.abort)):
         return True
     return type(error).__name__ == "LoginError" and isinstance(
@@ -295,14 +344,27 @@ def _is_lost(error: BaseException) -> bool:
 
 def _lost(account: Account, command: str, error: BaseException) -> ImapProblem:
     why = describe(error.__context__ if type(error).__name__ == "LoginError" and error.__context__ else error)
+    why = re.sub(r"^command: \S+( \S+)? => ", "", why)  # imaplib's prefix to what the server said
     if command.startswith(_LOGIN_COMMANDS):
+        if _refused_for_now(why):  # "* BYE [UNAVAILABLE] ...": the server's cap, said as it hangs up
+            return ImapProblem(
+                "unavailable", f"{account.host} refused the login for now ({why}); trying again later"
+            )
         return ImapProblem("network", f"connection to {account.host} lost at login: {why}")
     return ImapProblem("network", f"connection to {account.host} lost during {command}: {why}")
 
 
 # --- login ------------------------------------------------------------------------------------
 
-TEMPORARY_CODES = ("UNAVAILABLE", "INUSE", "LIMIT")  # RFC 5530: try again later
+TEMPORARY_CODES = ("UNAVAILABLE", "INUSE", "LIMIT", "SERVERBUG")  # RFC 5530: try again later
+# Said with no code, or with [ALERT], by servers at their connection cap (Gmail: "Too many
+# simultaneous connections"): no verdict on the password either.
+_CAP_WORDS = re.compile(r"too many (simultaneous )?connections|maximum number of connections", re.IGNORECASE)
+
+
+def _refused_for_now(said: str) -> bool:
+    """A refusal that is no verdict on the credentials: try again later."""
+    return response_code(said) in TEMPORARY_CODES or bool(_CAP_WORDS.search(said))
 
 
 def response_code(text: str) -> Optional[str]:
@@ -347,7 +409,7 @@ def login(client: Any, account: Account) -> None:
 def _temporary(account: Account, said: str) -> None:
     """Raise for a refusal that is no verdict on the credentials (RFC 5530)."""
     code = response_code(said)
-    if code in TEMPORARY_CODES:
+    if _refused_for_now(said):
         raise ImapProblem(
             "unavailable", f"{account.host} refused the login for now ({said}); trying again later"
         )
@@ -496,7 +558,8 @@ def describe(error: BaseException) -> str:
     if isinstance(error, socket.timeout):
         return "timed out"
     text = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    text = text[2:-1] if text.startswith(("b'", 'b"')) else text
+    if len(text) > 2 and text[0] == "b" and text[1] in "'\"" and text[-1] == text[1]:
+        text = text[2:-1]  # bytes' repr, as IMAPClient words some errors
     return _TIMING.sub("", text)
 
 
@@ -554,6 +617,13 @@ class ImapSource:
 
         try:  # a lost or too slow connection is an ImapProblem("network") of the Connection
             info = self.client.select_folder(name, readonly=self.account.after.action == "keep")
+        except imaplib.IMAP4.readonly:
+            raise ImapProblem(
+                "folder",
+                f"folder {name!r} of account {self.account.name} is read-only, but after = "
+                f'{self.account.after} changes it: set after = "keep", or give {self.account.username} '
+                "write access",
+            ) from None
         except IMAPClientError as error:  # NO or BAD: this folder
             why = folder_refused(self.client, self.account, name, error)[1]
             raise ImapProblem(
@@ -566,11 +636,30 @@ class ImapSource:
             uidnext = max(self.client.search(["ALL"]) or [0]) + 1
         return Opened(str(int(info[b"UIDVALIDITY"])), int(info.get(b"EXISTS", 0)), str(uidnext - 1))
 
+    @contextlib.contextmanager
+    def _refused(self, command: str) -> Iterator[None]:
+        """A NO or BAD to a command of a pass is this folder's answer (the connection works): one
+        line with the server's words, and the pass stops; a lost connection stays "network"."""
+        from imapclient.exceptions import IMAPClientError
+
+        try:
+            yield
+        except imaplib.IMAP4.abort:
+            raise
+        except IMAPClientError as error:
+            raise ImapProblem(
+                "folder",
+                f"{self.account.name}/{self.name}: the server refused {command} ({server_said(error)}); "
+                "if it goes on, check the folder with the mail provider",
+            ) from None
+
     def _check_move_target(self) -> None:
         """Before anything is posted: a message the ingress took must be movable afterwards."""
         after = self.account.after
         if after.action == "move" and not self._target_checked:
-            if not self.client.folder_exists(after.folder):
+            with self._refused("LIST"):
+                exists = self.client.folder_exists(after.folder)
+            if not exists:
                 raise ImapProblem(
                     "folder",
                     f"after = move:{after.folder} of account {self.account.name}, but there is no folder "
@@ -578,27 +667,38 @@ class ImapSource:
                 )
             self._target_checked = True
 
-    def listing(self, cursor: Optional[str], since: Optional[datetime.date]) -> Listing:
-        """UIDs above the cursor (and on or after `since`), ascending; each, once handled, is
-        the new cursor. `N:*` always matches the highest UID even below N: filtered out."""
+    def listing(
+        self, cursor: Optional[str], since: Optional[datetime.date], through: Optional[str] = None
+    ) -> Listing:
+        """UIDs above the cursor (and on or after `since`, among those up to `through`),
+        ascending; each, once handled, is the new cursor. `N:*` always matches the highest UID
+        even below N: filtered out."""
         after_uid = int(cursor or 0)
         criteria: List[Any] = ["UID", f"{after_uid + 1}:*"]
-        if since is not None:
+        if since is not None and through is not None:  # UID > through, or SINCE the date
+            criteria += ["OR", "UID", f"{int(through) + 1}:*", "SINCE", since]
+        elif since is not None:
             criteria += ["SINCE", since]
-        keys = [str(uid) for uid in sorted(uid for uid in self.client.search(criteria) if uid > after_uid)]
-        return Listing(keys, checkpoints={key: key for key in keys})
+        with self._refused("UID SEARCH"):
+            found = self.client.search(criteria)
+        uids = sorted(uid for uid in found if uid > after_uid)
+        keys = [str(uid) for uid in uids]
+        final = str(max([int(through), *uids])) if since is not None and through is not None else None
+        return Listing(keys, checkpoints={key: key for key in keys}, final=final)
 
     def sizes(self, keys: Sequence[Key]) -> Dict[Key, int]:
         if not keys:
             return {}
-        found = self.client.fetch([int(key) for key in keys], ["RFC822.SIZE"])
+        with self._refused("UID FETCH"):
+            found = self.client.fetch([int(key) for key in keys], ["RFC822.SIZE"])
         return {str(uid): int(data[b"RFC822.SIZE"]) for uid, data in found.items() if b"RFC822.SIZE" in data}
 
     def fetch(self, keys: Sequence[Key], sizes: Mapping[Key, int]) -> Dict[Key, bytes]:
         """The exact bytes (BODY.PEEK[]: nothing is marked \\Seen). A UID expunged meanwhile is
         simply absent. A large message comes in pieces, so memory stays near its size."""
         small = [int(key) for key in keys if sizes.get(key, 0) <= PIECE]
-        found = self.client.fetch(small, ["BODY.PEEK[]"]) if small else {}
+        with self._refused("UID FETCH"), self.client.reading(sum(sizes.get(str(uid), 0) for uid in small)):
+            found = self.client.fetch(small, ["BODY.PEEK[]"]) if small else {}
         bodies = {str(uid): data[b"BODY[]"] for uid, data in found.items() if data.get(b"BODY[]") is not None}
         for key in keys:
             if sizes.get(key, 0) > PIECE:
@@ -613,7 +713,8 @@ class ImapSource:
         whole = bytearray()
         while True:
             offset = len(whole)
-            found = self.client.fetch([uid], [f"BODY.PEEK[]<{offset}.{PIECE}>"]).get(uid, {})
+            with self._refused("UID FETCH"), self.client.reading(PIECE):
+                found = self.client.fetch([uid], [f"BODY.PEEK[]<{offset}.{PIECE}>"]).get(uid, {})
             piece = found.get(f"BODY[]<{offset}>".encode())
             if piece is None:
                 return None  # expunged meanwhile: never half a message

@@ -75,8 +75,13 @@ if TYPE_CHECKING:
             """Open (select) a folder for the calls below; its problems are "folder" ones."""
             ...
 
-        def listing(self, cursor: Optional[str], since: Optional[datetime.date]) -> Listing:
-            """What is new after `cursor` (None: everything), received on or after `since`."""
+        def listing(
+            self, cursor: Optional[str], since: Optional[datetime.date], through: Optional[str] = None
+        ) -> Listing:
+            """What is new after `cursor` (None: everything), received on or after `since` —
+            among the keys up to `through` only, when given: later keys are new whatever their
+            date. With `since`, `final` is at least `through`, so the cursor passes what the
+            date left alone once the listing is handled."""
             ...
 
         def sizes(self, keys: Sequence[Key]) -> Dict[Key, int]:

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS folders (
     epoch TEXT,                 -- the source's epoch (IMAP: UIDVALIDITY), NULL while only an error
     cursor TEXT,                -- the source's cursor (IMAP: the last handled UID)
     since TEXT,                 -- a date that still applies (start = DATE, until a pass completes)
+    since_through TEXT,         -- ... to keys up to this cursor only: later ones are new whatever their date
     first_seen REAL NOT NULL,
     last_sync REAL,
     last_delivered REAL,
@@ -69,7 +70,7 @@ CREATE TABLE IF NOT EXISTS messages (
 _FROM_IMAP_LAYOUT = """
 INSERT INTO folders SELECT account, folder,
     CASE uidvalidity WHEN 0 THEN NULL ELSE CAST(uidvalidity AS TEXT) END, CAST(last_uid AS TEXT),
-    since, first_seen, last_sync, last_delivered, delivered, invalid, last_error, last_error_at,
+    since, NULL, first_seen, last_sync, last_delivered, delivered, invalid, last_error, last_error_at,
     watcher_pid, watcher_since, {watcher_until} FROM folders_imap;
 INSERT INTO messages SELECT account, folder, CAST(uidvalidity AS TEXT), CAST(uid AS TEXT), status,
     tries, first_failed, next_try, reason FROM messages_imap;
@@ -109,7 +110,8 @@ def synced_folders(path: str) -> FrozenSet[Tuple[str, str]]:
 class FolderState:
     epoch: str
     cursor: Optional[str]
-    since: Optional[str]
+    since: Optional[str]  # start = DATE: only mail from that day on...
+    since_through: Optional[str]  # ... among the keys up to this cursor (what was there at first sight)
     first_seen: float
 
 
@@ -168,7 +170,8 @@ class FetchState:
     def folder(self, account: str, folder: str) -> Optional[FolderState]:
         """The folder's state, or None if it was never synced (a row may hold only an error)."""
         row = self._run(
-            "SELECT epoch, cursor, since, first_seen FROM folders WHERE account=? AND folder=?",
+            "SELECT epoch, cursor, since, since_through, first_seen FROM folders "
+            "WHERE account=? AND folder=?",
             account,
             folder,
         ).fetchone()
@@ -177,19 +180,27 @@ class FetchState:
         return FolderState(*row)
 
     def begin(
-        self, account: str, folder: str, epoch: str, cursor: Optional[str], since: Optional[str]
+        self,
+        account: str,
+        folder: str,
+        epoch: str,
+        cursor: Optional[str],
+        since: Optional[str],
+        since_through: Optional[str] = None,
     ) -> None:
         """A folder seen for the first time, or in a new epoch (its old keys mean nothing)."""
         with self._transaction():
             self._run(
-                "INSERT INTO folders (account, folder, epoch, cursor, since, first_seen) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account, folder) DO UPDATE SET "
-                "epoch=excluded.epoch, cursor=excluded.cursor, since=excluded.since",
+                "INSERT INTO folders (account, folder, epoch, cursor, since, since_through, first_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account, folder) DO UPDATE SET "
+                "epoch=excluded.epoch, cursor=excluded.cursor, since=excluded.since, "
+                "since_through=excluded.since_through",
                 account,
                 folder,
                 epoch,
                 cursor,
                 since,
+                since_through,
                 time.time(),
             )
             self._run(
@@ -202,7 +213,7 @@ class FetchState:
 
     def synced(self, account: str, folder: str, *, complete: bool) -> None:
         """A pass ended; a complete one ends a `since` restriction and clears the last error."""
-        extra = ", since=NULL, last_error=NULL" if complete else ""
+        extra = ", since=NULL, since_through=NULL, last_error=NULL" if complete else ""
         self._run(
             f"UPDATE folders SET last_sync=?{extra} WHERE account=? AND folder=?",
             time.time(),
