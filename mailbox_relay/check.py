@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
-from mailbox_relay.accounts import Account, load_accounts
+from mailbox_relay.accounts import Account, SecretCommandFailed, load_accounts
 from mailbox_relay.endpoint import UNREACHABLE_HINT, plain_http_hint
 from mailbox_relay.ingress.formats import INGRESSES
 from mailbox_relay.log import Log, nowhere
@@ -77,7 +77,10 @@ def run_check(
         log(line)  # -v: every setting and where it came from
     report.url = settings.url
     report.passed("settings", _describe_sources(settings))
-    synced = _synced_folders(layers, environ) if chosen else frozenset()
+    try:
+        synced = _synced_folders(layers, environ) if chosen else frozenset()
+    except ConfigError as error:  # the fetch state exists but cannot be read
+        return report.failed("fetch state", error.outcome.detail, Exit.CONFIG)
     if not all(_check_account(report, account, synced) for account in chosen):
         return report
     endpoint = settings.endpoint
@@ -199,7 +202,10 @@ def _check_account(
     except ImapProblem as problem:
         report.failed(f"imap {problem.kind}", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
         return False
-    except ConfigError as error:  # the password file or command
+    except SecretCommandFailed as error:  # its secret store may be locked or restarting
+        report.failed("imap login", error.outcome.detail, Exit.UNAVAILABLE)
+        return False
+    except ConfigError as error:  # the password file
         report.failed("imap login", error.outcome.detail, Exit.CONFIG)
         return False
     finally:
@@ -231,7 +237,18 @@ def _imap_tls(client: Any, account: Account) -> str:
 def _move_target(report: Report, client: Any, account: Account) -> bool:
     if account.after.action != "move":
         return True
-    if client.folder_exists(account.after.folder):
+    from imapclient.exceptions import IMAPClientError
+
+    from mailbox_relay.sources.imap import server_said
+
+    try:
+        exists = client.folder_exists(account.after.folder)
+    except IMAPClientError as error:  # refused (a lost connection is an ImapProblem, caught above)
+        report.failed(
+            "after", f"move:{account.after.folder}: LIST was refused ({server_said(error)})", Exit.CONFIG
+        )
+        return False
+    if exists:
         report.passed("after", f"move:{account.after.folder}: the folder exists")
         return True
     folder = account.after.folder
@@ -246,7 +263,7 @@ def _examine(report: Report, client: Any, account: Account, name: str, first: bo
     slow meanwhile is the network's (69), as at login."""
     from imapclient.exceptions import IMAPClientError
 
-    from mailbox_relay.sources.imap import ImapProblem, folder_refused
+    from mailbox_relay.sources.imap import ImapProblem, folder_refused, refused_for_now
 
     step = f"folder {name}"
     try:
@@ -254,6 +271,9 @@ def _examine(report: Report, client: Any, account: Account, name: str, first: bo
             info = client.select_folder(name, readonly=True)
         except IMAPClientError as error:  # the server said no (a lost connection is an ImapProblem)
             missing, why = folder_refused(client, account, name, error)
+            if not missing and refused_for_now(why):  # [UNAVAILABLE], [INUSE]...: not the folder
+                report.failed(step, f"refused for now ({why}); try again later", Exit.UNAVAILABLE)
+                return False
             detail = why if missing else f"cannot be opened: {why}"
             report.failed(step, f"{detail}; check folders", Exit.CONFIG)
             return False
@@ -280,7 +300,12 @@ def _left_alone(client: Any, account: Account, count: int) -> int:
         return 0
     if account.start_date is None:
         return count
-    return max(0, count - len(client.search(["SINCE", account.start_date])))
+    from imapclient.exceptions import IMAPClientError
+
+    try:
+        return max(0, count - len(client.search(["SINCE", account.start_date])))
+    except IMAPClientError:  # refused: the note is only a note
+        return 0
 
 
 def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:

@@ -261,7 +261,7 @@ def write_config(tmp_path: Path, state: str) -> Path:
 
 BROKEN = {
     "damaged": ("is damaged (file is not a database)", "move it aside"),
-    "a directory": ("cannot be opened or written (unable to open database file)", "check its permissions"),
+    "a directory": ("cannot be opened or written (", "check its permissions"),
     "under a file": ("cannot be created", "set fetch_state to a writable path"),
 }
 COMMANDS = [("fetch", 75), ("watch", 78), ("status", 78)]
@@ -384,3 +384,20 @@ def test_a_state_file_from_before_the_heartbeat_is_upgraded(tmp_path: Path) -> N
     assert known is not None and known.cursor == "9"
     state.watching("a", "f", os.getpid(), 10)
     assert state.report()[0]["watcher_until"] > time.time()
+
+
+def test_status_reads_a_0_1_state_file_without_changing_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(IMAP_LAYOUT)
+        db.execute(
+            "INSERT INTO folders (account, folder, uidvalidity, last_uid, first_seen, last_sync) "
+            "VALUES ('box', 'INBOX', 7, 3, 0, 1)"
+        )
+    before = path.read_bytes()
+    config = write_config(tmp_path, str(path))
+    code, out, _ = invoke(["status", "--json", "--config", str(config)])
+    assert code == 0, out
+    (row,) = json.loads(out)["folders"]
+    assert (row["uidvalidity"], row["last_uid"], row["synced"]) == (7, 3, True)
+    assert path.read_bytes() == before  # not upgraded, not touched: status changes nothing

@@ -94,6 +94,7 @@ class FolderSync:
         self.events = events  # every delivery too (watch)
         self.stopping = stopping
         self.lock_wait = lock_wait  # for another process's pass over the same folder to end
+        self.heartbeat: Callable[[], None] = lambda: None  # after each batch: the server answered
 
     def run(self, source: Source, name: str) -> FolderResult:
         """One pass, holding the folder's lock (FolderBusy if another process holds it). A state
@@ -204,6 +205,7 @@ class _Pass:
                         break
                     self._one(key, bodies.pop(key, None))
                 self._acknowledge()
+                self.sync.heartbeat()
 
     def _cursor(self, keys: Sequence[Key]) -> Optional[str]:
         """The cursor once `keys` (the last handled, in order) are recorded: the furthest of their
@@ -330,6 +332,8 @@ class _Pass:
     def _pause(self, outcome: Outcome) -> None:
         self._acknowledge()
         self.result.paused = outcome.line()
+        if outcome.reason is Reason.INTERRUPTED:  # the work is stopping: no error of the folder's
+            return
         self.sync.state.error(self.sync.account.name, self.result.folder, outcome.line())
         self.sync.log(f"{self.where}: paused: {outcome.line()}")
 

@@ -26,7 +26,7 @@ def folder_status(
         load_accounts(layers, names)  # a misspelt name is said, not shown as "nothing"
     if not os.path.exists(path):
         return [], path
-    state = FetchState(path)
+    state = FetchState(path, readonly=True)  # status changes nothing, not even the layout
     try:
         rows = [row for row in state.report() if not names or row["account"] in names]
     finally:

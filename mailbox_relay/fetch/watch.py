@@ -51,6 +51,9 @@ from mailbox_relay.sources.oauth2 import grant_stamp
 from mailbox_relay.state.folders import FetchState, FolderBusy, StateProblem
 
 LOGIN_TRIES = 3  # rejected logins in a row before the watch gives up (exit 78)
+# Refusals at login that no retry fixes: the password (or an expired one), or TLS the server
+# requires ([PRIVACYREQUIRED]) or that fails. Anything else passes by itself.
+NEEDS_A_PERSON = frozenset({"login", "tls"})
 RECONNECT = Backoff(first=1.0, cap=60.0)
 # The server refused us for now (RFC 5530 UNAVAILABLE, INUSE, LIMIT: a connection cap): back off
 # longer, or every folder reconnecting at once keeps the account over its cap.
@@ -58,7 +61,7 @@ REFUSED_FOR_NOW = Backoff(first=15.0, cap=300.0)
 PAUSED = Backoff(first=5.0, cap=300.0)  # after the ingress paused a folder: try again this often
 TICK = 0.5  # how often an idle thread looks at the stop flag
 GRANT_RECHECK = 300.0  # a refused OAuth2 grant is tried again this often even if its file is unchanged
-STOP_GRACE = 3.0  # after SIGTERM: seconds for deliveries in flight to finish before connections are cut
+STOP_GRACE = 2.0  # after SIGTERM: seconds for deliveries in flight to finish before connections are cut
 STOP_CUT = 1.5  # then: seconds for the threads to notice their cut connections
 BUSY_RETRY = 5.0  # another process is passing over the folder: look again this much later
 LOCK_WAIT = 2.0  # how long a pass waits for that other process first
@@ -99,9 +102,8 @@ class Watch:
             self.log(self.fatal)
             return Exit.CONFIG
         if left:  # daemon threads: they end with the process; nothing they hold is acknowledged
-            self.log(
-                f"stopped ({len(left)} folders were cut off mid-command; their mail is fetched next time)"
-            )
+            unfinished = f"{len(left)} of the folders had not finished"
+            self.log(f"stopped ({unfinished}; what they had not acknowledged is fetched next time)")
         else:
             self.log("stopped")
         return Exit.OK
@@ -152,6 +154,7 @@ class FolderWatcher:
         sync = self.watch.context.folder_sync(
             self.account, state, post, self.log, self.log, self.watch.stop.is_set, lock_wait=LOCK_WAIT
         )
+        sync.heartbeat = lambda: self._alive(state)  # a long catch-up is round-trips too
         attempt = 0
         try:
             while not self.watch.stop.is_set():
@@ -187,6 +190,7 @@ class FolderWatcher:
             self._problem(state, f"{error.outcome.detail}; trying again")
             return False
         except ConfigError as error:  # the password file: no retry can fix it
+            self._record(state, error.outcome.detail)
             self.watch.give_up(f"{self.where}: {error.outcome.detail}")
             return False
         self.login_failures = 0
@@ -200,7 +204,8 @@ class FolderWatcher:
             self._failed(problem, state)
             worked = problem.kind == "network"  # lost, after working: reconnect at once
         except CONNECTION_ERRORS as error:
-            self._problem(state, f"connection lost ({describe(error)}); reconnecting")
+            if not self.watch.stop.is_set():
+                self._problem(state, f"connection lost ({describe(error)}); reconnecting")
             worked = True
         except StateProblem as problem:  # locked, full or damaged: try again after the backoff
             self.log(f"{self.where}: {problem.outcome.detail}")
@@ -213,15 +218,19 @@ class FolderWatcher:
         return worked
 
     def _failed(self, problem: SourceProblem, state: FetchState) -> None:
+        if self.watch.stop.is_set():  # cut off by the stop itself: nothing to report or record
+            return
         if problem.kind == "grant":  # a person must run `auth`: wait for that, say it once
             self.grant_refused = problem.line
             self._record(state, problem.line)
             return
         self.refused_for_now = problem.kind == "unavailable"
-        if problem.kind == "login":
+        if problem.kind in NEEDS_A_PERSON:
             self.login_failures += 1
             if self.login_failures >= LOGIN_TRIES:
-                self.watch.give_up(f"{self.where}: {problem.line} (rejected {LOGIN_TRIES} times; stopping)")
+                line = f"{problem.line} (refused {LOGIN_TRIES} times in a row; stopping)"
+                self._record(state, line)
+                self.watch.give_up(f"{self.where}: {line}")
                 return
         self._problem(state, f"{problem.line}; trying again")
 

@@ -346,7 +346,7 @@ def _lost(account: Account, command: str, error: BaseException) -> ImapProblem:
     why = describe(error.__context__ if type(error).__name__ == "LoginError" and error.__context__ else error)
     why = re.sub(r"^command: \S+( \S+)? => ", "", why)  # imaplib's prefix to what the server said
     if command.startswith(_LOGIN_COMMANDS):
-        if _refused_for_now(why):  # "* BYE [UNAVAILABLE] ...": the server's cap, said as it hangs up
+        if refused_for_now(why):  # "* BYE [UNAVAILABLE] ...": the server's cap, said as it hangs up
             return ImapProblem(
                 "unavailable", f"{account.host} refused the login for now ({why}); trying again later"
             )
@@ -362,7 +362,7 @@ TEMPORARY_CODES = ("UNAVAILABLE", "INUSE", "LIMIT", "SERVERBUG")  # RFC 5530: tr
 _CAP_WORDS = re.compile(r"too many (simultaneous )?connections|maximum number of connections", re.IGNORECASE)
 
 
-def _refused_for_now(said: str) -> bool:
+def refused_for_now(said: str) -> bool:
     """A refusal that is no verdict on the credentials: try again later."""
     return response_code(said) in TEMPORARY_CODES or bool(_CAP_WORDS.search(said))
 
@@ -409,7 +409,7 @@ def login(client: Any, account: Account) -> None:
 def _temporary(account: Account, said: str) -> None:
     """Raise for a refusal that is no verdict on the credentials (RFC 5530)."""
     code = response_code(said)
-    if _refused_for_now(said):
+    if refused_for_now(said):
         raise ImapProblem(
             "unavailable", f"{account.host} refused the login for now ({said}); trying again later"
         )

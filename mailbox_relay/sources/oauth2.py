@@ -81,11 +81,16 @@ _LOCKS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """One refresh at a time per grant file: across threads (a lock) and processes (flock)."""
+def _locked(path: str, wait: float = 60.0) -> Iterator[None]:
+    """One refresh at a time per grant file: across threads (a lock) and processes (flock).
+    Waits at most `wait` seconds for another refresh (itself bounded by `timeout`), so a hung
+    holder never holds every other folder of the account: TokenProblem("network") then."""
     with _LOCKS_LOCK:
         lock = _LOCKS.setdefault(path, threading.Lock())
-    with lock:
+    until = time.monotonic() + wait
+    if not lock.acquire(timeout=max(0.0, wait)):
+        raise _lock_held(path, wait)
+    try:
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             handle = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -95,10 +100,26 @@ def _locked(path: str) -> Iterator[None]:
                 "set oauth2_token_file, or XDG_STATE_HOME, to a writable place"
             ) from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= until:
+                        raise _lock_held(path, wait) from None
+                    time.sleep(0.05)
             yield
         finally:
             os.close(handle)
+    finally:
+        lock.release()
+
+
+def _lock_held(path: str, wait: float) -> TokenProblem:
+    return TokenProblem(
+        "network",
+        f"another refresh of the OAuth2 grant {path} held it for over {wait:g}s; trying again later",
+    )
 
 
 def read_grant(path: str) -> Optional[Dict[str, Any]]:
@@ -352,7 +373,7 @@ class TokenSource:
         if self.oauth2.token_command is not None:
             token = self._from_command()
         else:
-            with _locked(self.oauth2.token_file):
+            with _locked(self.oauth2.token_file, 2 * self.account.timeout):
                 token = self._from_grant(refused, force)
         with self._lock:
             self._token = token

@@ -87,21 +87,18 @@ def default_path(environ: Mapping[str, str]) -> str:
 
 
 def synced_folders(path: str) -> FrozenSet[Tuple[str, str]]:
-    """(account, folder) of every folder synced so far, read only: nothing is created, and a
-    state that cannot be read counts as none synced (for `check --account`'s notes)."""
+    """(account, folder) of every folder synced so far, read only: nothing is created (none
+    when there is no file yet). A file that cannot be read is a StateProblem."""
     if not os.path.exists(path):
         return frozenset()
-    try:
-        db = store.open_db(path, readonly=True)
-    except StateProblem:
-        return frozenset()
+    db = store.open_db(path, readonly=True)
     try:
         columns = {row[1] for row in db.execute("PRAGMA table_info(folders)")}
         synced = "epoch IS NOT NULL" if "epoch" in columns else "uidvalidity <> 0"
         rows = db.execute(f"SELECT account, folder FROM folders WHERE {synced}")
         return frozenset((str(account), str(folder)) for account, folder in rows)
-    except sqlite3.Error:
-        return frozenset()
+    except sqlite3.Error as error:
+        raise problem(path, error) from None
     finally:
         db.close()
 
@@ -120,9 +117,13 @@ def retry_delay(tries: int) -> float:
 
 
 class FetchState:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        """The state at `path`, made or upgraded as needed; `readonly` (status) changes nothing
+        and reads either layout, for report() only."""
         self.path = path
-        self._db = store.open_db(path)
+        self._db = store.open_db(path, readonly=readonly)
+        if readonly:
+            return
         try:
             self._upgrade()
             self._db.executescript(_SCHEMA)
@@ -438,10 +439,16 @@ class FetchState:
     def report(self) -> List[Dict[str, Any]]:
         """Every folder's row, with its counts of messages by status. `uidvalidity` and
         `last_uid` keep their IMAP names (numbers where the source's are numbers)."""
+        columns = {row[1] for row in self._run("PRAGMA table_info(folders)")}
+        old = "uidvalidity" in columns  # a 0.1 file, read as it is (status upgrades nothing)
+        epoch = "CASE uidvalidity WHEN 0 THEN NULL ELSE CAST(uidvalidity AS TEXT) END" if old else "epoch"
+        cursor = "CAST(last_uid AS TEXT)" if old else "cursor"
+        until = "watcher_until" if "watcher_until" in columns else "NULL"
+        key = "CAST(uid AS TEXT)" if old else "key"
         folders = self._run(
-            "SELECT account, folder, epoch, cursor, last_sync, last_delivered, delivered, invalid, "
-            "last_error, last_error_at, watcher_pid, watcher_since, watcher_until FROM folders "
-            "ORDER BY account, folder"
+            f"SELECT account, folder, {epoch} AS epoch, {cursor} AS cursor, last_sync, last_delivered, "
+            "delivered, invalid, last_error, last_error_at, watcher_pid, watcher_since, "
+            f"{until} AS watcher_until FROM folders ORDER BY account, folder"
         )
         names = [column[0] for column in folders.description]
         rows = [dict(zip(names, row)) for row in folders.fetchall()]
@@ -458,10 +465,10 @@ class FetchState:
             row["failed"] = by_status.get("retry", 0)
             row["quarantined"] = by_status.get("quarantined", 0)
             row["quarantined_uids"] = [
-                {"uid": _number(key), "tries": tries, "reason": reason}
-                for key, tries, reason in self._run(
-                    "SELECT key, tries, reason FROM messages WHERE account=? AND folder=? "
-                    "AND status='quarantined' ORDER BY first_failed, key",
+                {"uid": _number(found), "tries": tries, "reason": reason}
+                for found, tries, reason in self._run(
+                    f"SELECT {key}, tries, reason FROM messages WHERE account=? AND folder=? "
+                    "AND status='quarantined' ORDER BY first_failed",
                     row["account"],
                     row["folder"],
                 )

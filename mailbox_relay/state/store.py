@@ -38,8 +38,8 @@ def problem(
         return StateProblem(
             path,
             f"was locked by another process for more than {BUSY_SECONDS:g}s ({text})",
-            "what was delivered is safe; anything not recorded is posted again on the next run "
-            "(Rails stores it once)",
+            "what was delivered is safe, and anything not recorded is posted again on the next run "
+            f"(Rails stores it once); if it goes on, find the process holding it: fuser {path}",
             what,
         )
     if "readonly" in text or "unable to open" in text or "disk I/O" in text or "full" in text:
@@ -53,10 +53,16 @@ def problem(
         return StateProblem(
             path,
             f"is damaged ({text})",
-            "move it aside (each folder then starts again as `start` says; Rails stores re-posted mail once)",
+            'move it aside, then run fetch once with start = "all" (or a date before the damage) '
+            "so nothing that arrived meanwhile is left alone; Rails stores re-posted mail once",
             what,
         )
-    return StateProblem(path, f"cannot be used ({type(error).__name__}: {text})", "see the error", what)
+    return StateProblem(
+        path,
+        f"cannot be used ({type(error).__name__}: {text})",
+        'move it aside, then run fetch once with start = "all"; Rails stores re-posted mail once',
+        what,
+    )
 
 
 def open_db(
