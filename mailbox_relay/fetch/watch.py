@@ -228,7 +228,7 @@ class FolderWatcher:
         if problem.kind in NEEDS_A_PERSON:
             self.login_failures += 1
             if self.login_failures >= LOGIN_TRIES:
-                line = f"{problem.line} (refused {LOGIN_TRIES} times in a row; stopping)"
+                line = f"{problem.line} (rejected {LOGIN_TRIES} times; stopping)"
                 self._record(state, line)
                 self.watch.give_up(f"{self.where}: {line}")
                 return

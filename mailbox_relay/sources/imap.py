@@ -223,7 +223,7 @@ def _cut(account: Account, command: str, guard: Any) -> ImapProblem:
         return ImapProblem("network", f"{account.host}: {command} cut off ({guard.reason})")
     return ImapProblem(
         "network",
-        f"{account.host}: no answer to {command} within {guard.seconds:g}s "
+        f"{account.host}: no answer to {command} within {guard.seconds:.3g}s "
         "(the server is too slow or the connection hangs); trying again later",
     )
 
