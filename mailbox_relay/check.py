@@ -17,7 +17,7 @@ from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.endpoint import UNREACHABLE_HINT, plain_http_hint
 from mailbox_relay.ingress.formats import INGRESSES
 from mailbox_relay.log import Log, nowhere
-from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, UsageError, check_exit_code
+from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, Trouble, UsageError, check_exit_code
 from mailbox_relay.settings import Settings, open_layers, settings_from
 from mailbox_relay.signals import DeadlinePassed, deadline
 
@@ -138,15 +138,10 @@ def _connect(
 
 # --- IMAP accounts (check --account) ------------------------------------------------------------
 
-# What each IMAP (or OAuth2 token) problem means for check's exit code.
-# Anything else (network, unavailable, protocol...) may pass by itself: Exit.UNAVAILABLE.
-_IMAP_CODES = {
-    "login": Exit.NOPERM,
-    "grant": Exit.NOPERM,
-    "client": Exit.CONFIG,
-    "folder": Exit.CONFIG,
-    "tls": Exit.CONFIG,  # at login: the server requires TLS (RFC 5530 PRIVACYREQUIRED): set tls
-}
+
+def _trouble_code(kind: str) -> Exit:
+    """check's exit code for an IMAP or OAuth2 token problem: outcome.Trouble's row."""
+    return Trouble.of(kind).check_code
 
 
 Synced = FrozenSet[Tuple[str, str]]  # (account, folder) pairs the fetch state already knows
@@ -197,7 +192,7 @@ def _check_account(
             _examine(report, client, account, name, name in first) for name in account.folders
         ) and _move_target(report, client, account)
     except ImapProblem as problem:
-        report.failed(f"imap {problem.kind}", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        report.failed(f"imap {problem.kind}", problem.line, _trouble_code(problem.kind))
         return False
     except ConfigError as error:  # the password file or command
         report.failed("imap login", error.outcome.detail, Exit.CONFIG)
@@ -213,7 +208,7 @@ def _oauth2_token(report: Report, account: Account) -> bool:
     try:
         token = token_source(account).renew()
     except TokenProblem as problem:
-        report.failed("oauth2 token", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        report.failed("oauth2 token", problem.line, _trouble_code(problem.kind))
         return False
     except ConfigError as error:  # the grant file or the client secret file
         report.failed("oauth2 token", error.outcome.detail, Exit.CONFIG)
@@ -258,7 +253,7 @@ def _examine(report: Report, client: Any, account: Account, name: str, first: bo
             report.failed(step, f"{detail}; check folders", Exit.CONFIG)
             return False
     except ImapProblem as problem:
-        report.failed(step, problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        report.failed(step, problem.line, _trouble_code(problem.kind))
         return False
     count, validity = int(info.get(b"EXISTS", 0)), int(info.get(b"UIDVALIDITY", 0))
     left = _left_alone(client, account, count) if first and count else 0

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.filters import Filters
+from mailbox_relay.import_summary import Summary
 from mailbox_relay.journal import Journal, default_path
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, body_start, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason, UsageError
-from mailbox_relay.progress import NoProgress, Progress, Summary
+from mailbox_relay.progress import NoProgress, Progress
 from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers, settings_from
 from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources import DamagedInput, NotASource, Source, Unreadable, detect, printable

@@ -129,7 +129,7 @@ def test_fetch_without_accounts_says_how_to_add_one(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('url = "http://127.0.0.1:9"\npassword = "pw"\n')
     code, _, err = invoke(["fetch", "--config", str(config)], env={"XDG_STATE_HOME": str(tmp_path)})
-    assert code == 75 and "no IMAP accounts: add an [accounts.NAME] table" in err
+    assert code == 78 and "no IMAP accounts: add an [accounts.NAME] table" in err
     code, _, err = invoke(["watch", "--config", str(config)], env={"XDG_STATE_HOME": str(tmp_path)})
     assert code == 78 and "no IMAP accounts" in err
     assert not os.path.exists(tmp_path / "mailbox-relay" / "fetch.sqlite3")

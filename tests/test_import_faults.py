@@ -301,8 +301,8 @@ def test_a_short_run_shows_no_misleading_rate(tmp_path: Path, clean_env: Dict[st
 
 
 def test_progress_follows_delivery_not_reading(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    from mailbox_relay.import_summary import Summary
     from mailbox_relay.importer import Importer
-    from mailbox_relay.progress import Summary
     from mailbox_relay.settings import ImportSettings, MessageSettings
     from mailbox_relay.sources import detect
     from mailbox_relay.workers import start_workers
