@@ -27,7 +27,7 @@ from mailbox_relay.filters import Filters
 from mailbox_relay.import_summary import Summary
 from mailbox_relay.journal import Journal, default_path
 from mailbox_relay.log import Log, nowhere
-from mailbox_relay.maildir import MaildirWriter
+from mailbox_relay.maildir import MaildirWriter, open_failed_dir
 from mailbox_relay.message import Prepared, body_start, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason, UsageError
 from mailbox_relay.progress import NoProgress, Progress
@@ -324,13 +324,6 @@ def open_journal(path: str) -> Journal:
         ) from None
 
 
-def open_failed_dir(path: Optional[str]) -> Optional[MaildirWriter]:
-    try:
-        return MaildirWriter(path) if path else None
-    except OSError as error:
-        raise UsageError(f"cannot use --failed-dir {path} as a Maildir ({error.strerror or error})") from None
-
-
 def run_import(
     options: Mapping[str, Any],
     paths: Sequence[str],
@@ -340,7 +333,6 @@ def run_import(
     use_state: bool,
     restart: bool,
     filters: Filters,
-    failed_dir: Optional[str],
     progress: Progress,
     log: Log,
     quiet: bool = False,
@@ -357,7 +349,7 @@ def run_import(
     if verbose:
         for line in [*settings.describe(), *(delivery or message).describe()]:
             log(line)
-    failed = open_failed_dir(failed_dir)
+    failed = open_failed_dir(settings.failed_dir, settings.sources.get("failed_dir", "default"))
     sources, problems = open_sources(paths, mboxrd=settings.mbox_format == "mboxrd", log=log)
     journal = None
     if use_state and delivery is not None:

@@ -44,6 +44,7 @@ DELIVERY = "delivery"  # the commands that deliver messages: deliver, import
 DELIVER = "deliver"
 IMPORT = "import"
 FETCH = "fetch"  # fetch and watch
+FAILED = "failed"  # import, fetch and watch: where undelivered messages are copied
 
 PASSWORD_ENV = ("MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD")
 
@@ -451,7 +452,23 @@ def _check_ingress_path(path: str, ingress: str, source: str) -> None:
         )
 
 
-class ImportSettings(Resolved):
+class FailedSettings(Resolved):
+    """Where `import`, `fetch` and `watch` copy what they could not deliver: one field for all."""
+
+    __slots__ = ()
+
+    failed_dir: Field[Optional[str]] = Field(
+        parse_str,
+        None,
+        "Write every message that could not be delivered there, as a Maildir message: import's "
+        "invalid or still failing ones, fetch's and watch's invalid or quarantined ones (which also "
+        "stay on the IMAP server).",
+        group=FAILED,
+        metavar="DIR",
+    )
+
+
+class ImportSettings(FailedSettings):
     """How `import` runs."""
 
     __slots__ = ()
@@ -484,7 +501,7 @@ class ImportSettings(Resolved):
     )
 
 
-class FetchSettings(Resolved):
+class FetchSettings(FailedSettings):
     """How `fetch` and `watch` keep their state and treat failures (accounts: accounts.py)."""
 
     __slots__ = ()
@@ -497,14 +514,6 @@ class FetchSettings(Resolved):
         group=FETCH,
         metavar="PATH",
         shown_default="$XDG_STATE_HOME/mailbox-relay/fetch.sqlite3",
-    )
-    failed_dir: Field[Optional[str]] = Field(
-        parse_str,
-        None,
-        "Copy every invalid or quarantined message there, as a Maildir message (it also stays "
-        "on the IMAP server).",
-        group=FETCH,
-        metavar="DIR",
     )
     max_tries: Field[int] = Field(
         parse_tries,

@@ -17,7 +17,7 @@ from mailbox_relay.cli.options import (
 )
 from mailbox_relay.log import nowhere, say, to_stderr
 from mailbox_relay.outcome import FETCH_EXITS, STATUS_EXITS, WATCH_EXITS, Exit
-from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FETCH, FetchSettings
+from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FAILED, FETCH, FetchSettings
 
 ACCOUNTS = """
 IMAP accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
@@ -63,6 +63,7 @@ _ACCOUNT = account_option("Only this account (repeatable); all accounts by defau
     CONNECTION,
     DELIVERY,
     FETCH,
+    FAILED,
     verbose="Log every setting and where it came from, each account's settings, and each message "
     "found, delivered or failed, to stderr. Never logs a password or token.",
 )
@@ -122,6 +123,7 @@ def _release(context: Any) -> None:
     CONNECTION,
     DELIVERY,
     FETCH,
+    FAILED,
     verbose="Log every setting and where it came from, and each account's settings, to stderr at "
     "start. Never logs a password or token.",
 )

@@ -12,7 +12,7 @@ import click
 from mailbox_relay.cli.options import exit_codes_help, settings_options, usage_errors
 from mailbox_relay.log import nowhere, say, to_stderr, to_stderr_error
 from mailbox_relay.outcome import IMPORT_EXITS, Exit
-from mailbox_relay.settings import CONNECTION, DELIVERY, IMPORT
+from mailbox_relay.settings import CONNECTION, DELIVERY, FAILED, IMPORT
 
 HELP = f"""Import mbox files (optionally .gz), Maildirs and trees of .eml files.
 
@@ -46,6 +46,7 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
     CONNECTION,
     DELIVERY,
     IMPORT,
+    FAILED,
     verbose="Log every setting and where it came from, and each attempt that is retried, to stderr. "
     "Never logs the password.",
 )
@@ -72,12 +73,6 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
     metavar="LABEL",
     help="Skip messages with this X-Gmail-Labels label, e.g. Spam, Trash, Chat (repeatable).",
 )
-@click.option(
-    "--failed-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False),
-    help="Write every message that could not be delivered there, as a Maildir message.",
-)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; a summary only if something failed.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="PATH...")
@@ -91,7 +86,6 @@ def import_(
     until: Optional[datetime],
     label: List[str],
     exclude_label: List[str],
-    failed_dir: Optional[str],
     as_json: bool,
     quiet: bool,
     **options: Any,
@@ -121,7 +115,6 @@ def import_(
                 use_state=not no_state,
                 restart=restart,
                 filters=filters,
-                failed_dir=failed_dir,
                 progress=progress,
                 log=log,
                 # Worker processes write to stderr themselves, which would tear a live bar.
