@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, load_accounts
-from mailbox_relay.endpoint import UNREACHABLE_HINT, plain_http_hint
+from mailbox_relay.ingress.endpoint import UNREACHABLE_HINT, plain_http_hint
 from mailbox_relay.ingress.formats import INGRESSES
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, Trouble, UsageError, check_exit_code

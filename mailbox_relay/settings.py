@@ -30,7 +30,7 @@ from typing import (
 )
 
 from mailbox_relay import __version__
-from mailbox_relay.endpoint import Endpoint, TlsPolicy
+from mailbox_relay.ingress.endpoint import Endpoint, TlsPolicy
 from mailbox_relay.ingress.formats import INGRESSES, ingress_of_path
 from mailbox_relay.outcome import ConfigError, UsageError
 
@@ -232,7 +232,7 @@ class Field(Generic[T]):
         self.name = name
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+        self.name = self.name or name  # a key named apart from its attribute keeps its name
 
     @overload
     def __get__(self, instance: None, owner: type) -> Field[T]: ...

@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 import pytest
 
-from mailbox_relay.endpoint import RELAY_PATH
+from mailbox_relay.ingress.endpoint import RELAY_PATH
 from mailbox_relay.outcome import ConfigError, Kind
 from mailbox_relay.settings import (
     PasswordFileWarning,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from mailbox_relay.endpoint import RELAY_PATH
+from mailbox_relay.ingress.endpoint import RELAY_PATH
 
 BASE = "/rails/action_mailbox"
 PROBE_MESSAGE = "mailbox-relay check: not a message, so nothing is stored"
