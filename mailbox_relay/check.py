@@ -16,9 +16,10 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tupl
 from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.ingress.endpoint import UNREACHABLE_HINT, plain_http_hint
 from mailbox_relay.ingress.formats import INGRESSES
+from mailbox_relay.ingress.target import Target, target_from
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, Trouble, UsageError, check_exit_code
-from mailbox_relay.settings import Settings, open_layers, settings_from
+from mailbox_relay.settings import open_layers
 from mailbox_relay.signals import DeadlinePassed, deadline
 
 
@@ -67,7 +68,7 @@ def run_check(
     report = Report()
     try:
         layers = open_layers(options, environ)
-        settings = settings_from(layers)
+        settings = target_from(layers)
         chosen = load_accounts(layers, accounts) if accounts else []
     except UsageError:
         raise
@@ -98,8 +99,8 @@ def crashed(error: Exception) -> Report:
     return Report().failed("check", detail, Exit.UNAVAILABLE)
 
 
-def _describe_sources(settings: Settings) -> str:
-    ingress = INGRESSES[settings.ingress]
+def _describe_sources(settings: Target) -> str:
+    ingress = settings.ingress_format
     url = f"url {settings.url} ({settings.sources.get('url')})"
     if ingress.name == "relay":
         return f"{url}; password set ({settings.password_source})"
@@ -278,7 +279,7 @@ def _left_alone(client: Any, account: Account, count: int) -> int:
     return max(0, count - len(client.search(["SINCE", account.start_date])))
 
 
-def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:
+def _handshake(report: Report, connection: socket.socket, host: str, settings: Target) -> bool:
     try:
         # deadline: a server that trickles its handshake is bounded too
         with (
@@ -312,10 +313,10 @@ def _handshake(report: Report, connection: socket.socket, host: str, settings: S
     return True
 
 
-def _probe(report: Report, settings: Settings) -> Report:
+def _probe(report: Report, settings: Target) -> Report:
     from mailbox_relay.ingress.client import make_session, probe
 
-    ingress = INGRESSES[settings.ingress]
+    ingress = settings.ingress_format
     started = time.monotonic()
     with make_session(settings) as session:
         status, outcome = probe(session, settings)
@@ -340,13 +341,13 @@ def _probe(report: Report, settings: Settings) -> Report:
     return report
 
 
-def _other_ingress(session: Any, settings: Settings) -> str:
+def _other_ingress(session: Any, settings: Target) -> str:
     """After a 404: which ingress path the app does answer on, next to the URL's."""
     from urllib.parse import urlsplit
 
     from mailbox_relay.ingress.client import answers_at
 
-    ingress = INGRESSES[settings.ingress]
+    ingress = settings.ingress_format
     url, parts = settings.endpoint.url, urlsplit(settings.endpoint.url)
     # The app's mount point: the URL's path without the ingress's own part.
     prefix = parts.path[: -len(ingress.path)] if parts.path.endswith(ingress.path) else ""

@@ -18,11 +18,13 @@ from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.fetcher import FolderResult, FolderSync, Post, left_alone_line
 from mailbox_relay.fetchstate import NOT_SYNCED, FetchState, FolderBusy, StateProblem, default_path
 from mailbox_relay.imap import ImapFolder, ImapProblem, close, connect, describe
+from mailbox_relay.ingress.target import Target as Settings  # (issue 19: the other half renames these)
+from mailbox_relay.ingress.target import target_from as settings_from
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import ConfigError, Exit
-from mailbox_relay.settings import FetchSettings, Settings, open_layers, settings_from
+from mailbox_relay.settings import FetchSettings, open_layers
 
 FETCH_LOCK_WAIT = 10.0  # seconds fetch waits for another process's pass over a folder
 

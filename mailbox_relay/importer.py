@@ -25,13 +25,14 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.filters import Filters
 from mailbox_relay.import_summary import Summary
+from mailbox_relay.ingress.target import target_from
 from mailbox_relay.journal import Journal, default_path
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter, open_failed_dir
 from mailbox_relay.message import Prepared, body_start, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason, UsageError
 from mailbox_relay.progress import NoProgress, Progress
-from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers, settings_from
+from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers
 from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources import DamagedInput, NotASource, Source, Unreadable, detect, printable
 from mailbox_relay.workers import deliver_batch, start_workers
@@ -345,7 +346,7 @@ def run_import(
     layers = open_layers(options, environ)
     settings = ImportSettings.resolve(layers)
     message = MessageSettings.resolve(layers)
-    delivery = None if dry_run else settings_from(layers)
+    delivery = None if dry_run else target_from(layers)
     if verbose:
         for line in [*settings.describe(), *(delivery or message).describe()]:
             log(line)

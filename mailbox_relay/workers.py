@@ -23,10 +23,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, List, Tuple
 
+from mailbox_relay.ingress.target import Target
 from mailbox_relay.log import Log, nowhere, to_stderr
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Exit, Outcome, Reason
-from mailbox_relay.settings import Settings
 
 
 def _context() -> Any:
@@ -95,7 +95,7 @@ class AdaptiveConcurrency:
 
 
 class _Worker:
-    settings: Settings
+    settings: Target
     pacer: AdaptiveConcurrency
     session: Any = None
     # Has the app answered this worker yet? Until it has, an app that cannot be reached is not
@@ -159,7 +159,7 @@ def _watch(pid: int) -> None:
     os._exit(Exit.TEMPFAIL)
 
 
-def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool, importer: int) -> None:
+def _init(settings: Target, pacer: AdaptiveConcurrency, verbose: bool, importer: int) -> None:
     _die_with(importer)
     # A signal reaches the whole process group (Ctrl-C, systemd's SIGTERM): the parent alone
     # decides, finishing in-flight posts and printing the summary; workers carry on until told.
@@ -194,7 +194,7 @@ def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
     return outcomes, time.monotonic() - started
 
 
-def start_workers(settings: Settings, jobs: int, quiet: bool) -> ProcessPoolExecutor:
+def start_workers(settings: Target, jobs: int, quiet: bool) -> ProcessPoolExecutor:
     """`jobs` worker processes sharing one AdaptiveConcurrency; they log to stderr unless quiet."""
     return ProcessPoolExecutor(
         max_workers=jobs,

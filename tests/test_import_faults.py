@@ -187,10 +187,10 @@ def test_an_app_that_answered_once_is_waited_for_when_it_refuses_later(
 ) -> None:
     """Refused after the app answered is an app restarting: retried within --retry-for."""
     from mailbox_relay import workers
-    from mailbox_relay.settings import Settings
+    from mailbox_relay.ingress.target import Target
 
     port = free_port()
-    workers._Worker.settings = Settings(
+    workers._Worker.settings = Target(
         {"url": f"http://127.0.0.1:{port}", "retry_for": 2.0}, password="pw", environ={}
     )
     workers._Worker.pacer = workers.AdaptiveConcurrency(1)

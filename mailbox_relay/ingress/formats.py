@@ -48,6 +48,10 @@ class Ingress:
         self.probe_status = probe_status  # the answer that proves route, secret and ingress
         self.probe = probe  # what check's probe is, in words
 
+    def __reduce__(self) -> Tuple[Any, Tuple[str]]:
+        # A row of INGRESSES stays that very row in a worker process (`ingress is RELAY`).
+        return (_row, (self.name,))
+
     @property
     def carries_any_bytes(self) -> bool:
         """Only relay posts raw bytes. JSON carries only Unicode text, and Rails before 7.1
@@ -104,6 +108,10 @@ INGRESSES: Dict[str, Ingress] = {
     ),
 }
 RELAY = INGRESSES["relay"]
+
+
+def _row(name: str) -> Ingress:
+    return INGRESSES[name]
 
 
 def ingress_of_path(path: str) -> Optional[Ingress]:
