@@ -27,6 +27,7 @@ from mailbox_relay.ingress.target import Target
 from mailbox_relay.log import Log, nowhere, to_stderr
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Exit, Outcome, Reason
+from mailbox_relay.processes import pid_alive
 
 
 def _context() -> Any:
@@ -113,7 +114,7 @@ def _die_with(importer: int) -> None:
     its pipe, so such a worker also watches the import and exits when it is gone (the
     forkserver then exits too). Elsewhere a thread watches."""
     parent = os.getppid()
-    if parent == 1 or not _alive(importer):  # the import is gone already
+    if parent == 1 or not pid_alive(importer):  # the import is gone already
         os._exit(Exit.TEMPFAIL)  # nobody reads it: the import it served is gone
     if _killed_with(parent) and parent == importer:
         return
@@ -135,16 +136,6 @@ def _killed_with(parent: int) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _watch(pid: int) -> None:
     """Exit once `pid` has ended: at once with a pidfd (Linux 5.3, Python 3.9), else within 1 s."""
     try:
@@ -152,7 +143,7 @@ def _watch(pid: int) -> None:
 
         handle = os.pidfd_open(pid)
     except (AttributeError, OSError):
-        while _alive(pid):
+        while pid_alive(pid):
             time.sleep(1)
     else:
         select.select([handle], [], [])  # readable when the process has ended

@@ -9,12 +9,12 @@ already reached Rails is deduplicated there.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
 
 import requests
 
+from mailbox_relay.backoff import Backoff as Backoff  # watch reconnects with it too
 from mailbox_relay.ingress import formats
 from mailbox_relay.ingress.answers import classify_error, classify_response, parse_retry_after
 from mailbox_relay.ingress.formats import RELAY
@@ -201,21 +201,6 @@ def answers_at(session: requests.Session, target: Target, url: str) -> Optional[
             return response.status_code
     except (requests.RequestException, DeadlinePassed):
         return None
-
-
-class Backoff:
-    """Exponential backoff with jitter: about 1, 2, 4, 8, 15, 15 ... seconds."""
-
-    def __init__(
-        self, first: float = 1.0, cap: float = 15.0, random: Callable[[], float] = random.random
-    ) -> None:
-        self.first = first
-        self.cap = cap
-        self.random = random
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.cap, self.first * 2.0 ** (attempt - 1))
-        return ceiling * (0.5 + self.random() / 2)
 
 
 if TYPE_CHECKING:  # a runtime Protocol class would cost every delivery its creation time
