@@ -1,8 +1,12 @@
-"""IMAP accounts for `fetch`, `watch`, `check --account` and `status`: the `[accounts.NAME]`
+"""Accounts for `fetch`, `watch`, `check --account`, `status` and `auth`: the `[accounts.NAME]`
 tables of the config file, checked once into typed `Account`s. Pure: no I/O but reading a
 password file or running a password command, and those only when asked.
 
-Every key is declared once in ACCOUNT_KEYS; an unknown key is an error, as at the top level.
+Every key is a `Field` of `Account`, declared once with its parser, default and help, the same
+machinery as the top-level settings (settings.py); an account field has no option and no
+environment name: its value comes from the table, a provider preset, or the default, and
+remembers which, so `-v` can say so. An unknown key is an error, as at the top level. The
+README's table of account keys is generated from these fields (tests/test_repo.py checks it).
 """
 
 from __future__ import annotations
@@ -11,13 +15,16 @@ import datetime
 import os
 import shlex
 import subprocess
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from mailbox_relay.endpoint import is_loopback
+from mailbox_relay.ingress.endpoint import is_loopback
 from mailbox_relay.outcome import ConfigError
 from mailbox_relay.settings import (
+    Field,
     Layers,
+    Resolved,
+    parse_choice,
     parse_recipients,
     parse_seconds,
     parse_str,
@@ -37,6 +44,10 @@ TLS_MODES = ("implicit", "starttls", "none")
 AFTER_MODES = ("keep", "seen", "delete", "move:FOLDER")
 PASSWORD_COMMAND_SECONDS = 30.0
 AUTH_MODES = ("password", "xoauth2")
+# Which source module reads an account. pop3 and graph are reserved for the sources to come.
+SOURCES = ("imap", "pop3", "graph")
+SUPPORTED_SOURCES = ("imap",)
+ACCOUNT = "account"  # the Field group of account keys: no option, no environment name
 
 
 @dataclass(frozen=True)
@@ -107,49 +118,6 @@ class After:
         return f"move:{self.folder}" if self.action == "move" else self.action
 
 
-@dataclass(frozen=True)
-class Account:
-    name: str
-    host: str
-    port: int
-    tls: str
-    username: str
-    folders: Tuple[str, ...]
-    after: After
-    start: str  # "new", "all", or an ISO date (only mail on or after it)
-    envelope_recipient: Tuple[str, ...]
-    poll_interval: float  # seconds between polls where the server has no IDLE
-    idle_refresh: float  # re-issue IDLE (and so prove the connection alive) this often
-    timeout: float  # for each IMAP command and the connection
-    ca_bundle: Optional[str]
-    password_source: Tuple[str, str]  # ("file" | "command" | "config", its value) — never logged
-    oauth2: Optional[OAuth2] = None  # set exactly when auth = "xoauth2"
-
-    @property
-    def start_date(self) -> Optional[datetime.date]:
-        return None if self.start in ("new", "all") else datetime.date.fromisoformat(self.start)
-
-    def password(self) -> str:
-        """The IMAP password, read now (a password command runs each time, without a shell)."""
-        kind, value = self.password_source
-        if kind == "file":
-            return read_password_file(value, f"password_file of account {self.name}")[0]
-        if kind == "command":
-            return run_secret_command(value, "password_command", self.name)
-        return value
-
-    def describe(self) -> List[str]:
-        """For -v and check: every setting of the account, the password only by where it lives."""
-        kind, value = self.password_source
-        where = "in the config file" if kind == "config" else f"{kind} {value}"
-        auth = self.oauth2.describe() if self.oauth2 else f"password {where}"
-        return [
-            f"account {self.name}: {self.username} at {self.host}:{self.port} (tls {self.tls})",
-            f"account {self.name}: folders {', '.join(self.folders)}; after {self.after}; "
-            f"start {self.start}; {auth}",
-        ]
-
-
 class SecretCommandFailed(ConfigError):
     """A password or token command failed or printed nothing. Temporary for `watch`: the secret
     store behind it may be locked or restarting, so it is run again after a backoff."""
@@ -176,15 +144,6 @@ def run_secret_command(command: str, key: str, account: str) -> str:
 
 
 # --- parsing ----------------------------------------------------------------------------------
-
-
-def _choice(choices: Tuple[str, ...]) -> Callable[[Any, str], str]:
-    def parse(value: Any, where: str) -> str:
-        if value not in choices:
-            raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
-        return str(value)
-
-    return parse
 
 
 def _port(value: Any, where: str) -> int:
@@ -258,37 +217,182 @@ def _poll(value: Any, where: str) -> float:
     return seconds
 
 
-# key -> (parser, default). `None` as default: no default (required, or derived).
-ACCOUNT_KEYS: Dict[str, Tuple[Callable[[Any, str], Any], Any]] = {
-    "provider": (_choice(tuple(PRESETS)), None),
-    "host": (parse_str, None),
-    "port": (_port, None),
-    "tls": (_choice(TLS_MODES), None),
-    "username": (parse_str, None),
-    "password_file": (parse_str, None),
-    "password_command": (_command, None),
-    "password": (parse_str, None),
-    "auth": (_choice(AUTH_MODES), "password"),
-    "oauth2_client_id": (parse_str, None),
-    "oauth2_client_secret_file": (parse_str, None),
-    "oauth2_token_url": (_oauth2_url, None),
-    "oauth2_authorize_url": (_oauth2_url, None),
-    "oauth2_device_url": (_oauth2_url, None),
-    "oauth2_scopes": (_scopes, None),
-    "oauth2_token_command": (_command, None),
-    "oauth2_token_file": (parse_str, None),
-    "folders": (_folders, ("INBOX",)),
-    "after": (_after, After("keep")),
-    "start": (_start, "new"),
-    "envelope_recipient": (parse_recipients, ()),
-    "poll_interval": (_poll, 60.0),
-    "idle_refresh": (_poll, 90.0),
-    "timeout": (parse_timeout, 30.0),
-    "ca_bundle": (parse_str, None),
-}
+def _field(parse: Any, default: Any, help: str, **kwargs: Any) -> Any:
+    return Field(parse, default, help, group=ACCOUNT, **kwargs)
+
+
+class Account(Resolved):
+    """One `[accounts.NAME]` table, checked. Each key below is a typed attribute, declared once;
+    `sources` says where each value came from ("config PATH [accounts.NAME]", "preset gmail",
+    "default"). The password itself is never shown: `password()` reads it when asked."""
+
+    __slots__ = ("name", "oauth2", "password_source")
+
+    source: Field[str] = _field(
+        parse_choice(*SOURCES),
+        "imap",
+        "Which source reads the account: imap (pop3 and graph are reserved for sources to come).",
+    )
+    provider: Field[Optional[str]] = _field(
+        parse_choice(*PRESETS),
+        None,
+        "A preset for host, port and tls, and for OAuth2's endpoints and scopes: gmail (or google), "
+        "microsoft.",
+    )
+    host: Field[str] = _field(
+        parse_str, None, "The IMAP server (required without a provider).", shown_default="the provider's"
+    )
+    port: Field[int] = _field(
+        _port, None, "The IMAP port.", shown_default="the provider's, else 993 (implicit TLS) or 143"
+    )
+    tls: Field[str] = _field(
+        parse_choice(*TLS_MODES),
+        None,
+        "implicit (TLS from the first byte), starttls, or none (only to a loopback host).",
+        shown_default="the provider's, else implicit",
+    )
+    username: Field[str] = _field(parse_str, None, "The IMAP login name (required).")
+    password_file: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "Read the IMAP password from the first line of this file (the top-level password_file is "
+        "the ingress's).",
+    )
+    password_command: Field[Optional[str]] = _field(
+        _command,
+        None,
+        "Run this command (without a shell) at each login; its first output line is the IMAP password.",
+    )
+    password_value: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "The IMAP password itself (keep the config file 0600); one of the three password keys.",
+        name="password",
+    )
+    auth: Field[str] = _field(
+        parse_choice(*AUTH_MODES),
+        "password",
+        "How to log in: password (LOGIN), or xoauth2 (AUTHENTICATE XOAUTH2 with OAuth2 tokens).",
+    )
+    oauth2_client_id: Field[Optional[str]] = _field(
+        parse_str, None, "xoauth2: the OAuth2 client (mailbox-relay refreshes the tokens itself)."
+    )
+    oauth2_client_secret_file: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "xoauth2: a file whose first line is the client secret, where the provider wants one.",
+    )
+    oauth2_token_url: Field[Optional[str]] = _field(
+        _oauth2_url, None, "xoauth2: the token endpoint (https://; the provider's preset otherwise)."
+    )
+    oauth2_authorize_url: Field[Optional[str]] = _field(
+        _oauth2_url, None, "xoauth2: the authorization endpoint of `auth`'s loopback flow."
+    )
+    oauth2_device_url: Field[Optional[str]] = _field(
+        _oauth2_url, None, "xoauth2: the device-code endpoint of `auth`'s device flow."
+    )
+    oauth2_scopes: Field[Optional[Tuple[str, ...]]] = _field(
+        _scopes, None, "xoauth2: the scopes to ask for (a list, or one space separated string)."
+    )
+    oauth2_token_command: Field[Optional[str]] = _field(
+        _command,
+        None,
+        "xoauth2: run this command (without a shell) at each login; its first output line is an "
+        "access token. Instead of oauth2_client_id.",
+    )
+    oauth2_token_file: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "xoauth2: where `auth` stores the grant (0600).",
+        shown_default="$XDG_STATE_HOME/mailbox-relay/oauth2/NAME.json",
+    )
+    folders: Field[Tuple[str, ...]] = _field(_folders, ("INBOX",), "The folders to fetch and watch.")
+    after: Field[After] = _field(
+        _after,
+        After("keep"),
+        "What to do with a message once the ingress answered 2xx, never before: keep, seen, delete, "
+        "or move:FOLDER.",
+    )
+    start: Field[str] = _field(
+        _start,
+        "new",
+        "The first pass: new (only mail that arrives from then on), all, or a date such as "
+        "2024-01-31 (mail on or after it).",
+    )
+    envelope_recipient: Field[Tuple[str, ...]] = _field(
+        parse_recipients, (), "Add X-Original-To: ADDR to each message, as deliver's option does."
+    )
+    poll_interval: Field[float] = _field(
+        _poll, 60.0, "watch: seconds between polls where the server has no IDLE (at least 1)."
+    )
+    idle_refresh: Field[float] = _field(
+        _poll, 90.0, "watch: re-issue IDLE this often, which proves the connection alive (at least 1)."
+    )
+    timeout: Field[float] = _field(
+        parse_timeout,
+        30.0,
+        "Seconds that bound each whole IMAP command (connect and login included) and each whole "
+        "OAuth2 token request, not each read (the top-level timeout bounds each post to the ingress).",
+    )
+    ca_bundle: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "Verify the IMAP server's certificate with this CA bundle (the top-level ca_bundle is the "
+        "ingress's); certifi's otherwise.",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        values: Mapping[str, Any],
+        sources: Optional[Mapping[str, str]] = None,
+        *,
+        password_source: Tuple[str, str] = ("", ""),
+        oauth2: Optional[OAuth2] = None,
+    ) -> None:
+        super().__init__(values, sources)
+        self.name = name
+        # ("file" | "command" | "config" | "xoauth2", its value): never logged
+        self.password_source = password_source
+        self.oauth2 = oauth2  # set exactly when auth = "xoauth2"
+
+    def __repr__(self) -> str:
+        return f"Account({self.name!r}, {self.username!r} at {self.host}:{self.port})"
+
+    @property
+    def start_date(self) -> Optional[datetime.date]:
+        return None if self.start in ("new", "all") else datetime.date.fromisoformat(self.start)
+
+    def password(self) -> str:
+        """The IMAP password, read now (a password command runs each time, without a shell)."""
+        kind, value = self.password_source
+        if kind == "file":
+            return read_password_file(value, f"password_file of account {self.name}")[0]
+        if kind == "command":
+            return run_secret_command(value, "password_command", self.name)
+        return value
+
+    def describe(self) -> List[str]:
+        """For -v and check: the account in two lines, then every value set and where it came
+        from. The password only by where it lives."""
+        kind, value = self.password_source
+        where = "in the config file" if kind == "config" else f"{kind} {value}"
+        auth = self.oauth2.describe() if self.oauth2 else f"password {where}"
+        lines = [
+            f"account {self.name}: {self.username} at {self.host}:{self.port} (tls {self.tls})",
+            f"account {self.name}: folders {', '.join(self.folders)}; after {self.after}; "
+            f"start {self.start}; {auth}",
+        ]
+        for key, value in self._values.items():
+            if value is not None:
+                shown = "<set>" if key == "password" else repr(str(value) if key == "after" else value)
+                lines.append(f"account {self.name}: {key} = {shown} ({self.sources.get(key, 'default')})")
+        return lines
+
+
+ACCOUNT_FIELDS: Dict[str, Field[Any]] = {field.name: field for field in Account.fields()}
 PASSWORD_KEYS = ("password_file", "password_command", "password")
-OAUTH2_KEYS = tuple(key for key in ACCOUNT_KEYS if key.startswith("oauth2_"))
-DERIVED = ("host", "port", "tls")  # keys that a preset may supply (see _server)
+OAUTH2_KEYS = tuple(key for key in ACCOUNT_FIELDS if key.startswith("oauth2_"))
 
 
 def parse_account(name: str, table: Any, path: str, token_dir: str = "") -> Account:
@@ -297,27 +401,35 @@ def parse_account(name: str, table: Any, path: str, token_dir: str = "") -> Acco
     where = f"[accounts.{name}] in {path}"
     if not isinstance(table, dict):
         raise ConfigError(f"accounts.{name} in {path} must be a table ([accounts.{name}])")
-    unknown = sorted(set(table) - set(ACCOUNT_KEYS))
+    unknown = sorted(set(table) - set(ACCOUNT_FIELDS))
     if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(ACCOUNT_KEYS)}")
-    values = {
-        key: parse(table[key], f"{key} of {where}") if key in table else default
-        for key, (parse, default) in ACCOUNT_KEYS.items()
-    }
-    host, port, tls = _server(values, where)
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(ACCOUNT_FIELDS)}")
+    values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+    for key, field in ACCOUNT_FIELDS.items():
+        if key in table:
+            values[key], sources[key] = (
+                field.parse(table[key], f"{key} of {where}"),
+                f"config {path} [accounts.{name}]",
+            )
+        else:
+            values[key], sources[key] = field.default, "default"
+    if values["source"] not in SUPPORTED_SOURCES:
+        raise ConfigError(
+            f"{where}: source = {values['source']} is not supported yet; "
+            f"only {', '.join(SUPPORTED_SOURCES)} is"
+        )
+    _server(values, sources, where)
     if values["username"] is None:
         raise ConfigError(f"{where} has no username")
-    # Every key that is an Account attribute as it stands; the derived ones (server, password) apart.
-    copied = {f.name: values[f.name] for f in fields(Account) if f.name in values and f.name not in DERIVED}
-    server: Dict[str, Any] = {"name": name, "host": host, "port": port, "tls": tls}
     if values["auth"] == "xoauth2":
         token_dir = token_dir or os.path.join(state_home(os.environ), "oauth2")
         oauth2 = _oauth2(values, name, where, token_dir)
-        return Account(**server, password_source=("xoauth2", ""), oauth2=oauth2, **copied)
+        return Account(name, values, sources, password_source=("xoauth2", ""), oauth2=oauth2)
     given = [key for key in OAUTH2_KEYS if values[key] is not None]
     if given:
         raise ConfigError(f'{where} has {given[0]} but auth = "password": set auth = "xoauth2" to use OAuth2')
-    return Account(**server, password_source=_password_source(values, where), **copied)
+    return Account(name, values, sources, password_source=_password_source(values, where))
 
 
 def _oauth2(values: Mapping[str, Any], name: str, where: str, token_dir: str) -> OAuth2:
@@ -345,18 +457,23 @@ def _oauth2(values: Mapping[str, Any], name: str, where: str, token_dir: str) ->
     return OAuth2(provider, client_id or "", values["oauth2_client_secret_file"], command, token_file)
 
 
-def _server(values: Mapping[str, Any], where: str) -> Tuple[str, int, str]:
+def _server(values: Dict[str, Any], sources: Dict[str, str], where: str) -> None:
     """host, port and tls: the preset's, each overridable; without a preset, host is required."""
-    preset_host, preset_port, preset_tls = PRESETS.get(values["provider"] or "", ("", 0, "implicit"))
-    host = values["host"] or preset_host
-    if not host:
-        raise ConfigError(f"{where} needs host (or provider = {' or '.join(PRESETS)})")
-    tls = values["tls"] or preset_tls
-    port = values["port"] or preset_port or (993 if tls == "implicit" else 143)
-    if tls == "none" and not is_loopback(host):
+    provider = values["provider"] or ""
+    preset_host, preset_port, preset_tls = PRESETS.get(provider, ("", 0, "implicit"))
+    preset = f"preset {provider}" if provider else "default"
+    if not values["host"]:
+        if not preset_host:
+            raise ConfigError(f"{where} needs host (or provider = {' or '.join(PRESETS)})")
+        values["host"], sources["host"] = preset_host, preset
+    if not values["tls"]:
+        values["tls"], sources["tls"] = preset_tls, preset
+    if not values["port"]:
+        port = preset_port or (993 if values["tls"] == "implicit" else 143)
+        values["port"], sources["port"] = port, preset if preset_port else "default"
+    if values["tls"] == "none" and not is_loopback(values["host"]):
         # The IMAP password would cross the network in clear.
-        raise ConfigError(f"{where}: tls = none is allowed only to a loopback host, not {host}")
-    return host, port, tls
+        raise ConfigError(f"{where}: tls = none is allowed only to a loopback host, not {values['host']}")
 
 
 def _password_source(values: Mapping[str, Any], where: str) -> Tuple[str, str]:

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, SecretCommandFailed, load_accounts
-from mailbox_relay.endpoint import UNREACHABLE_HINT, plain_http_hint
+from mailbox_relay.ingress.endpoint import UNREACHABLE_HINT, plain_http_hint
 from mailbox_relay.ingress.formats import INGRESSES
+from mailbox_relay.ingress.target import Target, target_from
 from mailbox_relay.log import Log, nowhere
-from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, UsageError, check_exit_code
-from mailbox_relay.settings import Settings, open_layers, settings_from
+from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, Trouble, UsageError, check_exit_code
+from mailbox_relay.settings import open_layers
 from mailbox_relay.signals import DeadlinePassed, deadline
 
 
@@ -67,7 +68,7 @@ def run_check(
     report = Report()
     try:
         layers = open_layers(options, environ)
-        settings = settings_from(layers)
+        settings = target_from(layers)
         chosen = load_accounts(layers, accounts) if accounts else []
     except UsageError:
         raise
@@ -101,8 +102,8 @@ def crashed(error: Exception) -> Report:
     return Report().failed("check", detail, Exit.UNAVAILABLE)
 
 
-def _describe_sources(settings: Settings) -> str:
-    ingress = INGRESSES[settings.ingress]
+def _describe_sources(settings: Target) -> str:
+    ingress = settings.ingress_format
     url = f"url {settings.url} ({settings.sources.get('url')})"
     if ingress.name == "relay":
         return f"{url}; password set ({settings.password_source})"
@@ -141,15 +142,10 @@ def _connect(
 
 # --- IMAP accounts (check --account) ------------------------------------------------------------
 
-# What each IMAP (or OAuth2 token) problem means for check's exit code.
-# Anything else (network, unavailable, protocol...) may pass by itself: Exit.UNAVAILABLE.
-_IMAP_CODES = {
-    "login": Exit.NOPERM,
-    "grant": Exit.NOPERM,
-    "client": Exit.CONFIG,
-    "folder": Exit.CONFIG,
-    "tls": Exit.CONFIG,  # at login: the server requires TLS (RFC 5530 PRIVACYREQUIRED): set tls
-}
+
+def _trouble_code(kind: str) -> Exit:
+    """check's exit code for an IMAP or OAuth2 token problem: outcome.Trouble's row."""
+    return Trouble.of(kind).check_code
 
 
 Synced = FrozenSet[Tuple[str, str]]  # (account, folder) pairs the fetch state already knows
@@ -200,7 +196,7 @@ def _check_account(
             _examine(report, client, account, name, name in first) for name in account.folders
         ) and _move_target(report, client, account)
     except ImapProblem as problem:
-        report.failed(f"imap {problem.kind}", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        report.failed(f"imap {problem.kind}", problem.line, _trouble_code(problem.kind))
         return False
     except SecretCommandFailed as error:  # its secret store may be locked or restarting
         report.failed("imap login", error.outcome.detail, Exit.UNAVAILABLE)
@@ -219,7 +215,7 @@ def _oauth2_token(report: Report, account: Account) -> bool:
     try:
         token = token_source(account).renew()
     except TokenProblem as problem:
-        report.failed("oauth2 token", problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        report.failed("oauth2 token", problem.line, _trouble_code(problem.kind))
         return False
     except ConfigError as error:  # the grant file or the client secret file
         report.failed("oauth2 token", error.outcome.detail, Exit.CONFIG)
@@ -278,7 +274,7 @@ def _examine(report: Report, client: Any, account: Account, name: str, first: bo
             report.failed(step, f"{detail}; check folders", Exit.CONFIG)
             return False
     except ImapProblem as problem:
-        report.failed(step, problem.line, _IMAP_CODES.get(problem.kind, Exit.UNAVAILABLE))
+        report.failed(step, problem.line, _trouble_code(problem.kind))
         return False
     count, validity = int(info.get(b"EXISTS", 0)), int(info.get(b"UIDVALIDITY", 0))
     left = _left_alone(client, account, count) if first and count else 0
@@ -308,7 +304,7 @@ def _left_alone(client: Any, account: Account, count: int) -> int:
         return 0
 
 
-def _handshake(report: Report, connection: socket.socket, host: str, settings: Settings) -> bool:
+def _handshake(report: Report, connection: socket.socket, host: str, settings: Target) -> bool:
     try:
         # deadline: a server that trickles its handshake is bounded too
         with (
@@ -342,10 +338,10 @@ def _handshake(report: Report, connection: socket.socket, host: str, settings: S
     return True
 
 
-def _probe(report: Report, settings: Settings) -> Report:
+def _probe(report: Report, settings: Target) -> Report:
     from mailbox_relay.ingress.client import make_session, probe
 
-    ingress = INGRESSES[settings.ingress]
+    ingress = settings.ingress_format
     started = time.monotonic()
     with make_session(settings) as session:
         status, outcome = probe(session, settings)
@@ -370,13 +366,13 @@ def _probe(report: Report, settings: Settings) -> Report:
     return report
 
 
-def _other_ingress(session: Any, settings: Settings) -> str:
+def _other_ingress(session: Any, settings: Target) -> str:
     """After a 404: which ingress path the app does answer on, next to the URL's."""
     from urllib.parse import urlsplit
 
     from mailbox_relay.ingress.client import answers_at
 
-    ingress = INGRESSES[settings.ingress]
+    ingress = settings.ingress_format
     url, parts = settings.endpoint.url, urlsplit(settings.endpoint.url)
     # The app's mount point: the URL's path without the ingress's own part.
     prefix = parts.path[: -len(ingress.path)] if parts.path.endswith(ingress.path) else ""

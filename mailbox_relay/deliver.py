@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, BinaryIO, Callable, Mapping, Optional
 
+from mailbox_relay.ingress.target import target_from
 from mailbox_relay.log import Log
 from mailbox_relay.message import prepare
 from mailbox_relay.outcome import ConfigError, Outcome, RelayError
-from mailbox_relay.settings import EXIT_CODES, open_layers, settings_from
+from mailbox_relay.settings import EXIT_CODES, open_layers
 
 
 def read_message(file: Optional[str], stdin: Optional[BinaryIO]) -> bytes:
@@ -39,7 +40,7 @@ def deliver(
     try:
         layers = open_layers(options, environ)
         layers.get(EXIT_CODES)  # checked here, so a typo is said; cli.exit_style picks the style
-        settings = settings_from(layers)
+        settings = target_from(layers)
         for line in settings.describe():
             log(line)
         prepared = prepare(read(), recipients=settings.envelope_recipient, max_size=settings.max_size)

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.filters import Filters
+from mailbox_relay.import_summary import Summary
+from mailbox_relay.ingress.target import target_from
 from mailbox_relay.log import Log, nowhere
-from mailbox_relay.maildir import MaildirWriter
+from mailbox_relay.maildir import MaildirWriter, open_failed_dir
 from mailbox_relay.message import Prepared, body_start, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason, UsageError
-from mailbox_relay.progress import NoProgress, Progress, Summary
-from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers, settings_from
+from mailbox_relay.progress import NoProgress, Progress
+from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers
 from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources.files import DamagedInput, NotASource, Source, Unreadable, detect, printable
 from mailbox_relay.state.journal import Journal, default_path
@@ -320,13 +322,6 @@ def open_journal(path: str) -> Journal:
         raise UsageError(f"{printable(problem.outcome.detail)}, or pass --no-state") from None
 
 
-def open_failed_dir(path: Optional[str]) -> Optional[MaildirWriter]:
-    try:
-        return MaildirWriter(path) if path else None
-    except OSError as error:
-        raise UsageError(f"cannot use --failed-dir {path} as a Maildir ({error.strerror or error})") from None
-
-
 def run_import(
     options: Mapping[str, Any],
     paths: Sequence[str],
@@ -336,7 +331,6 @@ def run_import(
     use_state: bool,
     restart: bool,
     filters: Filters,
-    failed_dir: Optional[str],
     progress: Progress,
     log: Log,
     quiet: bool = False,
@@ -349,11 +343,11 @@ def run_import(
     layers = open_layers(options, environ)
     settings = ImportSettings.resolve(layers)
     message = MessageSettings.resolve(layers)
-    delivery = None if dry_run else settings_from(layers)
+    delivery = None if dry_run else target_from(layers)
     if verbose:
         for line in [*settings.describe(), *(delivery or message).describe()]:
             log(line)
-    failed = open_failed_dir(failed_dir)
+    failed = open_failed_dir(settings.failed_dir, settings.sources.get("failed_dir", "default"))
     sources, problems = open_sources(paths, mboxrd=settings.mbox_format == "mboxrd", log=log)
     journal = None
     if use_state and delivery is not None:

@@ -1,6 +1,7 @@
 """A Maildir writer that stores each distinct message once (tmp/, fsync, rename into new/).
 
-Used by `serve` (where deduplication mirrors Rails' unique index) and by `import --failed-dir`.
+Used by `serve` (where deduplication mirrors Rails' unique index) and by `failed_dir` (import,
+fetch and watch: `open_failed_dir`).
 Stored messages are mail: files are 0600 and the directories it creates 0700.
 """
 
@@ -11,7 +12,9 @@ import os
 import socket
 import threading
 import time
-from typing import List, Set, Tuple
+from typing import List, Optional, Set, Tuple
+
+from mailbox_relay.outcome import ConfigError, UsageError
 
 
 class MaildirWriter:
@@ -60,3 +63,17 @@ class MaildirWriter:
 
     def count(self) -> int:
         return len(self._list("new")) + len(self._list("cur"))
+
+
+def open_failed_dir(path: Optional[str], source: str) -> Optional[MaildirWriter]:
+    """The `failed_dir` Maildir (settings.FailedSettings), or None when it is not set. One that
+    cannot be used is a usage error when typed as --failed-dir, else a setting to fix."""
+    if not path:
+        return None
+    try:
+        return MaildirWriter(path)
+    except OSError as error:
+        why = error.strerror or error
+        if source.startswith("option"):
+            raise UsageError(f"cannot use --failed-dir {path} as a Maildir ({why})") from None
+        raise ConfigError(f"cannot use failed_dir {path} ({source}) as a Maildir ({why})") from None

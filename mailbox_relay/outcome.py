@@ -7,7 +7,7 @@ Nothing here does I/O. The CLI's single error boundary turns an `Outcome` into a
 from __future__ import annotations
 
 import enum
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 
 class Exit(enum.IntEnum):
@@ -156,6 +156,50 @@ class InvalidMessage(RelayError):
         super().__init__(Outcome(reason, detail))
 
 
+class Trouble(enum.Enum):
+    """What went wrong with an IMAP server or an OAuth2 token endpoint (imap.ImapProblem.kind,
+    oauth2.TokenProblem.kind): check's exit code for it, and whether it may pass by itself (a
+    reconnect or a later run may work) or needs a person (a setting, a password, a sign-in)."""
+
+    DNS = ("dns", Exit.UNAVAILABLE, True)
+    CONNECT = ("connect", Exit.UNAVAILABLE, True)
+    TLS = ("tls", Exit.CONFIG, False)  # at login: the server requires TLS (RFC 5530 PRIVACYREQUIRED)
+    LOGIN = ("login", Exit.NOPERM, False)
+    UNAVAILABLE = ("unavailable", Exit.UNAVAILABLE, True)  # RFC 5530 UNAVAILABLE, INUSE, LIMIT
+    GRANT = ("grant", Exit.NOPERM, False)  # no OAuth2 grant, or a revoked one: run `auth` again
+    FOLDER = ("folder", Exit.CONFIG, False)
+    AFTER = ("after", Exit.UNAVAILABLE, True)  # acknowledging (seen, move, delete) failed
+    PROTOCOL = ("protocol", Exit.UNAVAILABLE, True)
+    NETWORK = ("network", Exit.UNAVAILABLE, True)  # lost or too slow: reconnect
+    CLIENT = ("client", Exit.CONFIG, False)  # an OAuth2 client setting is wrong
+    DENIED = ("denied", Exit.NOPERM, False)  # auth: the person declined the sign-in
+    TIMEOUT = ("timeout", Exit.UNAVAILABLE, True)  # auth: nobody signed in in time
+
+    def __new__(cls, kind: str, check_code: Exit = Exit.UNAVAILABLE, temporary: bool = True) -> Trouble:
+        member = object.__new__(cls)
+        member._value_ = kind  # Trouble("login"): the kinds of ImapProblem and TokenProblem
+        return member
+
+    def __init__(self, kind: str, check_code: Exit = Exit.UNAVAILABLE, temporary: bool = True) -> None:
+        self.check_code = check_code
+        self.temporary = temporary
+
+    @classmethod
+    def of(cls, kind: str) -> Trouble:
+        """The row of a problem's kind; an unknown kind may pass by itself, like a network one."""
+        try:
+            return cls(kind)
+        except ValueError:
+            return cls.NETWORK
+
+
+def auth_exit_code(trouble: Trouble) -> Exit:
+    """`auth`: 77 the sign-in was declined, 75 it may work when run again, 78 a setting is wrong."""
+    if trouble is Trouble.DENIED:
+        return Exit.NOPERM
+    return Exit.TEMPFAIL if trouble.temporary else Exit.CONFIG
+
+
 def check_exit_code(outcome: Outcome) -> Exit:
     """Exit codes of `check`, for people and monitoring: 0 ready, 77 password, 78 config, 69 down."""
     return outcome.reason.check_code
@@ -168,3 +212,88 @@ def internal_error(error: BaseException) -> Outcome:
         f"internal error ({type(error).__name__}: {error}); the message was not delivered and "
         "will be retried; please report this",
     )
+
+
+# --- every command's exit codes: what --help and the README say (tests/test_repo.py compares) ---
+
+ExitMap = Tuple[Tuple[Exit, str], ...]
+
+USAGE_ROW = (Exit.USAGE, "usage error (a wrong option or option value)")
+
+IMPORT_EXITS: ExitMap = (
+    (Exit.OK, "nothing left undelivered"),
+    (
+        Exit.TEMPFAIL,
+        "some messages failed for a reason that may pass, the run was interrupted, or it stopped "
+        "early on an answer every message would get (fix the cause, run the same command again)",
+    ),
+    (Exit.NOINPUT, "an input or a message could not be read (and nothing failed otherwise)"),
+    (Exit.DATAERR, "some messages are invalid (and nothing else went wrong)"),
+    (
+        Exit.CONFIG,
+        "a setting is wrong (a missing URL or password, a failed_dir from the environment or the "
+        "config file that cannot be used)",
+    ),
+    (Exit.USAGE, "usage error (a wrong option or value, an unwritable --state or --failed-dir)"),
+)
+CHECK_EXITS: ExitMap = (
+    (Exit.OK, "ready"),
+    (Exit.NOPERM, "password rejected (401/403), or an IMAP login or OAuth2 grant refused"),
+    (
+        Exit.CONFIG,
+        "configuration: wrong path (404), redirect, missing URL/password, plain http, a missing "
+        "IMAP folder or a wrong OAuth2 client",
+    ),
+    (Exit.UNAVAILABLE, "unreachable, TLS failure, timeout or 5xx (or check itself failed unexpectedly)"),
+    USAGE_ROW,
+)
+FETCH_EXITS: ExitMap = (
+    (Exit.OK, "everything found was delivered"),
+    (Exit.TEMPFAIL, "something failed and may pass on a later run"),
+    (Exit.DATAERR, "only invalid messages are left"),
+    (Exit.CONFIG, "a setting is wrong (the config file, an account, the state file, failed_dir)"),
+    USAGE_ROW,
+)
+WATCH_EXITS: ExitMap = (
+    (Exit.OK, "stopped by a signal"),
+    (
+        Exit.CONFIG,
+        "a setting is wrong (the config file, an account, the state file at start), or an IMAP "
+        "login was rejected 3 times in a row",
+    ),
+    USAGE_ROW,
+)
+STATUS_EXITS: ExitMap = (
+    (Exit.OK, "shown (also when nothing was fetched yet)"),
+    (Exit.CONFIG, "the config file, an account named with --account, or the state file is unusable"),
+    USAGE_ROW,
+)
+AUTH_EXITS: ExitMap = (
+    (Exit.OK, "the grant is saved"),
+    (Exit.NOPERM, "the sign-in was declined"),
+    (Exit.TEMPFAIL, "no sign-in in time, or the provider could not be reached: run it again"),
+    (Exit.CONFIG, "the account's OAuth2 settings are wrong (the line says which)"),
+    USAGE_ROW,
+)
+SERVE_EXITS: ExitMap = (
+    (Exit.OK, "stopped with Ctrl-C or SIGTERM"),
+    (Exit.CONFIG, "no password"),
+    (Exit.CANTCREAT, "the Maildir cannot be created"),
+    (Exit.UNAVAILABLE, "cannot listen on --host/--port"),
+    USAGE_ROW,
+)
+# deliver (and mailbox-relay itself) answer MTAs: each kind of outcome in both conventions.
+DELIVER_EXITS: Tuple[Tuple[Kind, str, str], ...] = (
+    (Kind.DELIVERED, "delivered (2xx)", ""),
+    (Kind.PERMANENT, "invalid message", "permanent: the caller bounces it"),
+    (Kind.TEMPORARY, "anything else", "temporary: the caller keeps it and retries"),
+)
+EXIT_MAPS: Dict[str, ExitMap] = {
+    "import": IMPORT_EXITS,
+    "check": CHECK_EXITS,
+    "fetch": FETCH_EXITS,
+    "watch": WATCH_EXITS,
+    "status": STATUS_EXITS,
+    "auth": AUTH_EXITS,
+    "serve": SERVE_EXITS,
+}

@@ -30,8 +30,6 @@ from typing import (
 )
 
 from mailbox_relay import __version__
-from mailbox_relay.endpoint import Endpoint, TlsPolicy
-from mailbox_relay.ingress.formats import INGRESSES, ingress_of_path
 from mailbox_relay.outcome import ConfigError, UsageError
 
 T = TypeVar("T")
@@ -44,8 +42,12 @@ DELIVERY = "delivery"  # the commands that deliver messages: deliver, import
 DELIVER = "deliver"
 IMPORT = "import"
 FETCH = "fetch"  # fetch and watch
+FAILED = "failed"  # import, fetch and watch: where undelivered messages are copied
 
 PASSWORD_ENV = ("MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD")
+# The names of ingress/formats.py's INGRESSES (tests/test_ingresses.py checks they agree): the
+# choice is checked here, where the value's source is known; ingress/target.py makes it concrete.
+INGRESS_NAMES = ("relay", "postmark", "sendgrid", "mailgun", "mandrill")
 
 
 class PasswordFileWarning(UserWarning):
@@ -231,7 +233,7 @@ class Field(Generic[T]):
         self.name = name
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+        self.name = self.name or name  # a key named apart from its attribute keeps its name
 
     @overload
     def __get__(self, instance: None, owner: type) -> Field[T]: ...
@@ -328,9 +330,10 @@ class MessageSettings(Resolved):
 
 
 class Settings(MessageSettings):
-    """What `deliver`, `import` and `check` need to reach the ingress. Its repr hides the password."""
+    """What `deliver`, `import` and `check` need to reach the ingress, as values and sources; the
+    place to post to is built from it in ingress/target.py. Its repr hides the password."""
 
-    __slots__ = ("endpoint", "password", "tls")
+    __slots__ = ("password",)
 
     url: Field[str] = Field(
         parse_str,
@@ -342,7 +345,7 @@ class Settings(MessageSettings):
         aliases=("URL",),
     )
     ingress: Field[str] = Field(
-        parse_choice(*INGRESSES),
+        parse_choice(*INGRESS_NAMES),
         "relay",
         "The app's config.action_mailbox.ingress: its path, authentication and format. The password "
         "setting holds its secret (mailgun: the signing key; mandrill: the API key).",
@@ -413,16 +416,6 @@ class Settings(MessageSettings):
                 "no ingress URL: set MAILBOX_RELAY_URL (or URL), pass --url, or put url in "
                 f"{user_config_path(environ)}"
             )
-        self.endpoint = Endpoint(self.url, INGRESSES[self.ingress].path)
-        self._values["url"] = self.endpoint.url
-        _check_ingress_path(self.endpoint.path, self.ingress, self.sources.get("ingress", "the default"))
-        self.endpoint.refuse_plain_http(self.allow_http)
-        self.tls = TlsPolicy(
-            insecure=self.insecure,
-            ca_bundle=self.ca_bundle,
-            environ=environ,
-            https=self.endpoint.scheme == "https",
-        )
         self.password = password
 
     def __repr__(self) -> str:
@@ -436,22 +429,27 @@ class Settings(MessageSettings):
         """Each setting and its source, for -v. The password is only said to be set."""
         return [
             *super().describe(),
-            f"tls = {'not verified' if self.tls.insecure else 'verified'} ({self.tls.source})",
             f"password = <set> ({self.password_source})",
         ]
 
 
-def _check_ingress_path(path: str, ingress: str, source: str) -> None:
-    """A URL that ends in another ingress's path is a mix-up: say so before anything is sent."""
-    named = ingress_of_path(path)
-    if named is not None and named.name != ingress:
-        raise ConfigError(
-            f"the URL ends in the {named.name} ingress's path, but the ingress is {ingress} ({source}): "
-            f"set ingress = {named.name}, or give the URL {INGRESSES[ingress].path} (or a bare host)"
-        )
+class FailedSettings(Resolved):
+    """Where `import`, `fetch` and `watch` copy what they could not deliver: one field for all."""
+
+    __slots__ = ()
+
+    failed_dir: Field[Optional[str]] = Field(
+        parse_str,
+        None,
+        "Write every message that could not be delivered there, as a Maildir message: import's "
+        "invalid or still failing ones, fetch's and watch's invalid or quarantined ones (which also "
+        "stay on the IMAP server).",
+        group=FAILED,
+        metavar="DIR",
+    )
 
 
-class ImportSettings(Resolved):
+class ImportSettings(FailedSettings):
     """How `import` runs."""
 
     __slots__ = ()
@@ -484,7 +482,7 @@ class ImportSettings(Resolved):
     )
 
 
-class FetchSettings(Resolved):
+class FetchSettings(FailedSettings):
     """How `fetch` and `watch` keep their state and treat failures (accounts: accounts.py)."""
 
     __slots__ = ()
@@ -497,14 +495,6 @@ class FetchSettings(Resolved):
         group=FETCH,
         metavar="PATH",
         shown_default="$XDG_STATE_HOME/mailbox-relay/fetch.sqlite3",
-    )
-    failed_dir: Field[Optional[str]] = Field(
-        parse_str,
-        None,
-        "Copy every invalid or quarantined message there, as a Maildir message (it also stays "
-        "on the IMAP server).",
-        group=FETCH,
-        metavar="DIR",
     )
     max_tries: Field[int] = Field(
         parse_tries,
@@ -673,16 +663,3 @@ def open_layers(options: Mapping[str, Any], environ: Mapping[str, str]) -> Layer
     """Find and read the config file; the layers then answer any setting by name."""
     config_path = find_config(options.get(CONFIG.name), environ)
     return Layers(options, environ, read_config(config_path), config_path)
-
-
-def settings_from(layers: Layers) -> Settings:
-    """Resolve every connection setting; raise ConfigError (a temporary failure) if one is bad."""
-    values, sources = Settings.values_from(layers)
-    password, sources["password"] = layers.password()
-    settings = Settings(values, sources, password=password or "", environ=layers.environ)
-    if password is None:  # after the URL's checks, so a missing URL is named first
-        raise ConfigError(
-            "no ingress password: set MAILBOX_RELAY_PASSWORD (or INGRESS_PASSWORD), pass "
-            "--password-file, or put password_file in the config file"
-        )
-    return settings

@@ -23,10 +23,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, List, Tuple
 
+from mailbox_relay.ingress.target import Target
 from mailbox_relay.log import Log, nowhere, to_stderr
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Exit, Outcome, Reason
-from mailbox_relay.settings import Settings
+from mailbox_relay.processes import pid_alive
 
 
 def _context() -> Any:
@@ -95,7 +96,7 @@ class AdaptiveConcurrency:
 
 
 class _Worker:
-    settings: Settings
+    settings: Target
     pacer: AdaptiveConcurrency
     session: Any = None
     # Has the app answered this worker yet? Until it has, an app that cannot be reached is not
@@ -113,7 +114,7 @@ def _die_with(importer: int) -> None:
     its pipe, so such a worker also watches the import and exits when it is gone (the
     forkserver then exits too). Elsewhere a thread watches."""
     parent = os.getppid()
-    if parent == 1 or not _alive(importer):  # the import is gone already
+    if parent == 1 or not pid_alive(importer):  # the import is gone already
         os._exit(Exit.TEMPFAIL)  # nobody reads it: the import it served is gone
     if _killed_with(parent) and parent == importer:
         return
@@ -135,16 +136,6 @@ def _killed_with(parent: int) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _watch(pid: int) -> None:
     """Exit once `pid` has ended: at once with a pidfd (Linux 5.3, Python 3.9), else within 1 s."""
     try:
@@ -152,14 +143,14 @@ def _watch(pid: int) -> None:
 
         handle = os.pidfd_open(pid)
     except (AttributeError, OSError):
-        while _alive(pid):
+        while pid_alive(pid):
             time.sleep(1)
     else:
         select.select([handle], [], [])  # readable when the process has ended
     os._exit(Exit.TEMPFAIL)
 
 
-def _init(settings: Settings, pacer: AdaptiveConcurrency, verbose: bool, importer: int) -> None:
+def _init(settings: Target, pacer: AdaptiveConcurrency, verbose: bool, importer: int) -> None:
     _die_with(importer)
     # A signal reaches the whole process group (Ctrl-C, systemd's SIGTERM): the parent alone
     # decides, finishing in-flight posts and printing the summary; workers carry on until told.
@@ -194,7 +185,7 @@ def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
     return outcomes, time.monotonic() - started
 
 
-def start_workers(settings: Settings, jobs: int, quiet: bool) -> ProcessPoolExecutor:
+def start_workers(settings: Target, jobs: int, quiet: bool) -> ProcessPoolExecutor:
     """`jobs` worker processes sharing one AdaptiveConcurrency; they log to stderr unless quiet."""
     return ProcessPoolExecutor(
         max_workers=jobs,

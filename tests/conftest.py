@@ -11,7 +11,7 @@ from typing import Any, Dict, Generator, Iterator, List, Set
 
 import pytest
 
-from mailbox_relay.endpoint import CA_BUNDLE_ENV
+from mailbox_relay.ingress.endpoint import CA_BUNDLE_ENV
 from mailbox_relay.settings import FIELDS, PASSWORD_ENV
 
 SAMPLE = (

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mailbox_relay.cli import run
 from mailbox_relay.ingress.client import Clock
-from mailbox_relay.settings import Settings
+from mailbox_relay.ingress.target import Target
 
 RELAY_PATH = "/rails/action_mailbox/relay/inbound_emails"
 
@@ -31,11 +31,9 @@ def invoke(args: List[str], stdin: bytes = b"", env: Optional[Dict[str, str]] = 
         return code, streams[0].getvalue().decode(), streams[1].getvalue().decode()
 
 
-def make_settings(
-    *, password: str = "pw", environ: Optional[Dict[str, str]] = None, **values: Any
-) -> Settings:
-    """Settings as a caller would resolve them, from plain values (defaults for the rest)."""
-    return Settings(values, password=password, environ=environ or {})
+def make_settings(*, password: str = "pw", environ: Optional[Dict[str, str]] = None, **values: Any) -> Target:
+    """A Target as a caller would resolve it, from plain values (defaults for the rest)."""
+    return Target(values, password=password, environ=environ or {})
 
 
 class FakeClock(Clock):

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import pytest
 
-from mailbox_relay.accounts import After, accounts_from, choose_accounts, parse_account
+from mailbox_relay.accounts import ACCOUNT_FIELDS, After, accounts_from, choose_accounts, parse_account
 from mailbox_relay.outcome import ConfigError
 
 from .helpers import invoke
@@ -129,7 +129,50 @@ def test_fetch_without_accounts_says_how_to_add_one(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text('url = "http://127.0.0.1:9"\npassword = "pw"\n')
     code, _, err = invoke(["fetch", "--config", str(config)], env={"XDG_STATE_HOME": str(tmp_path)})
-    assert code == 75 and "no IMAP accounts: add an [accounts.NAME] table" in err
+    assert code == 78 and "no IMAP accounts: add an [accounts.NAME] table" in err
     code, _, err = invoke(["watch", "--config", str(config)], env={"XDG_STATE_HOME": str(tmp_path)})
     assert code == 78 and "no IMAP accounts" in err
     assert not os.path.exists(tmp_path / "mailbox-relay" / "fetch.sqlite3")
+
+
+def test_a_source_other_than_imap_is_refused_until_it_exists() -> None:
+    assert account(host="h").source == "imap"
+    for source in ("pop3", "graph"):
+        assert f"source = {source} is not supported yet; only imap is" in refused(host="h", source=source)
+    assert "source of [accounts.box] in c.toml must be one of imap, pop3, graph" in refused(
+        host="h", source="x"
+    )
+
+
+def test_each_value_says_where_it_came_from() -> None:
+    lines = account(provider="microsoft", port=1993).describe()
+    assert "account box: host = 'outlook.office365.com' (preset microsoft)" in lines
+    assert "account box: tls = 'implicit' (preset microsoft)" in lines
+    assert "account box: port = 1993 (config c.toml [accounts.box])" in lines
+    assert "account box: folders = ('INBOX',) (default)" in lines
+    assert "account box: after = 'keep' (default)" in lines
+    assert "account box: password = <set> (config c.toml [accounts.box])" in lines
+    assert not any("pw" in line.split(" = ")[-1] for line in lines)
+    plain = account(host="h", tls="starttls").describe()
+    assert "account box: port = 143 (default)" in plain
+
+
+def test_every_account_key_is_a_field_with_help_and_timeout_says_what_it_bounds() -> None:
+    assert all(field.help and field.group == "account" for field in ACCOUNT_FIELDS.values())
+    assert "password" in ACCOUNT_FIELDS and "source" in ACCOUNT_FIELDS
+    timeout = ACCOUNT_FIELDS["timeout"].help
+    assert "each whole IMAP command" in timeout and "each whole OAuth2 token request" in timeout
+
+
+def test_check_account_v_shows_each_account_value_and_its_source(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'url = "http://127.0.0.1:9"\npassword = "pw"\n'
+        '[accounts.box]\nhost = "127.0.0.1"\nport = 9\ntls = "none"\nusername = "u"\npassword = "imap-pw"\n'
+    )
+    code, _, err = invoke(["check", "--account", "box", "-v", "--config", str(config)])
+    assert code == 69, err  # nothing listens on port 9
+    where = f"config {config} [accounts.box]"
+    assert f"account box: host = '127.0.0.1' ({where})" in err
+    assert f"account box: password = <set> ({where})" in err and "imap-pw" not in err
+    assert "account box: timeout = 30.0 (default)" in err and "account box: source = 'imap' (default)" in err

@@ -264,7 +264,7 @@ BROKEN = {
     "a directory": ("cannot be opened or written (", "check its permissions"),
     "under a file": ("cannot be created", "set fetch_state to a writable path"),
 }
-COMMANDS = [("fetch", 75), ("watch", 78), ("status", 78)]
+COMMANDS = [("fetch", 78), ("watch", 78), ("status", 78)]  # a config error: 78 from each
 
 
 @pytest.mark.parametrize(

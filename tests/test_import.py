@@ -142,7 +142,7 @@ def test_unreadable_input_and_bad_settings(tmp_path: Path, clean_env: Dict[str, 
     assert run_import(["--url", "http://127.0.0.1:9", str(tmp_path / "nope.mbox")], {})[0] == 66
     mbox = write_mbox(tmp_path / "in.mbox", [message(0)])
     code, _, err = invoke(["import", str(mbox)], stdin=b"", env={})
-    assert code == 75 and err.startswith("mailbox-relay: error: no ingress URL")
+    assert code == 78 and err.startswith("mailbox-relay: error: no ingress URL")
     assert invoke(["import"], stdin=b"", env={})[0] == 64
     assert invoke(["import", "--since", "yesterday", str(mbox)], stdin=b"", env={})[0] == 64
 
@@ -200,7 +200,8 @@ def test_ctrl_c_stops_cleanly_saves_state_and_prints_the_summary(
 
 
 def test_plain_progress_lines_when_not_a_terminal(tmp_path: Path, clean_env: Dict[str, str]) -> None:
-    from mailbox_relay.progress import PlainProgress, Summary
+    from mailbox_relay.import_summary import Summary
+    from mailbox_relay.progress import PlainProgress
 
     class Stream:
         text = ""
@@ -275,7 +276,8 @@ def test_rate_limits_messages_per_second(tmp_path: Path, clean_env: Dict[str, st
 def test_rich_progress_logs_above_the_bar_and_ends_on_the_final_counts() -> None:
     import io
 
-    from mailbox_relay.progress import RichProgress, Summary
+    from mailbox_relay.import_summary import Summary
+    from mailbox_relay.progress import RichProgress
 
     stream = io.StringIO()
     progress = RichProgress(stream)
@@ -290,7 +292,8 @@ def test_rich_progress_logs_above_the_bar_and_ends_on_the_final_counts() -> None
 def test_rich_progress_after_ctrl_c_ends_on_the_bytes_really_done() -> None:
     import io
 
-    from mailbox_relay.progress import RichProgress, Summary
+    from mailbox_relay.import_summary import Summary
+    from mailbox_relay.progress import RichProgress
 
     stream = io.StringIO()
     progress = RichProgress(stream)
@@ -305,7 +308,7 @@ def test_the_rate_counts_only_messages_this_run_worked_on() -> None:
     """Already delivered (the journal) and filtered-out messages cost nothing: not in the rate."""
     import time
 
-    from mailbox_relay.progress import Summary, summary_lines
+    from mailbox_relay.import_summary import Summary, summary_lines
 
     summary = Summary(messages=500, already=400, filtered=60, delivered=40, started=time.monotonic() - 10)
     first = next(iter(summary_lines(summary)))

@@ -187,10 +187,10 @@ def test_an_app_that_answered_once_is_waited_for_when_it_refuses_later(
 ) -> None:
     """Refused after the app answered is an app restarting: retried within --retry-for."""
     from mailbox_relay import workers
-    from mailbox_relay.settings import Settings
+    from mailbox_relay.ingress.target import Target
 
     port = free_port()
-    workers._Worker.settings = Settings(
+    workers._Worker.settings = Target(
         {"url": f"http://127.0.0.1:{port}", "retry_for": 2.0}, password="pw", environ={}
     )
     workers._Worker.pacer = workers.AdaptiveConcurrency(1)
@@ -294,6 +294,35 @@ def test_the_text_summary_names_the_failed_dir_and_its_files(
     assert stored(str(failed)) == [b"not a message\n\nbody\n"]
 
 
+@pytest.mark.parametrize("where", ["env", "config"])
+def test_failed_dir_from_the_environment_or_the_config_file_counts_for_import(
+    tmp_path: Path, clean_env: Dict[str, str], where: str
+) -> None:
+    """One failed_dir field for import, fetch and watch: import used to ignore all but the option."""
+    mbox = write_mbox(tmp_path / "in.mbox", [message(0), b"not a message\n\nbody\n"])
+    failed = tmp_path / "failed"
+    config = tmp_path / "config.toml"
+    config.write_text(f'failed_dir = "{failed}"\n' if where == "config" else "")
+    env = {"MAILBOX_RELAY_FAILED_DIR": str(failed)} if where == "env" else {}
+    code, _, err = invoke(["import", "--dry-run", "-v", "--config", str(config), str(mbox)], env=env)
+    assert code == 65, err
+    assert stored(str(failed)) == [b"not a message\n\nbody\n"]
+    source = "env MAILBOX_RELAY_FAILED_DIR" if where == "env" else f"config {config}"
+    assert f"failed_dir = '{failed}' ({source})" in err  # -v says where it came from
+
+
+def test_an_unusable_failed_dir_is_a_usage_error_as_an_option_and_a_setting_otherwise(
+    tmp_path: Path, clean_env: Dict[str, str]
+) -> None:
+    mbox = write_mbox(tmp_path / "in.mbox", [message(0)])
+    (tmp_path / "file").write_text("x")
+    unusable = str(tmp_path / "file" / "failed")
+    code, _, err = invoke(["import", "--dry-run", "--failed-dir", unusable, str(mbox)])
+    assert code == 64 and f"cannot use --failed-dir {unusable} as a Maildir" in err, err
+    code, _, err = invoke(["import", "--dry-run", str(mbox)], env={"MAILBOX_RELAY_FAILED_DIR": unusable})
+    assert code == 78 and f"cannot use failed_dir {unusable} (env MAILBOX_RELAY_FAILED_DIR)" in err, err
+
+
 def test_a_short_run_shows_no_misleading_rate(tmp_path: Path, clean_env: Dict[str, str]) -> None:
     mbox = write_mbox(tmp_path / "in.mbox", [message(n) for n in range(5)])
     code, out, _ = invoke(["import", "--dry-run", str(mbox)], env={})
@@ -301,8 +330,8 @@ def test_a_short_run_shows_no_misleading_rate(tmp_path: Path, clean_env: Dict[st
 
 
 def test_progress_follows_delivery_not_reading(tmp_path: Path, clean_env: Dict[str, str]) -> None:
+    from mailbox_relay.import_summary import Summary
     from mailbox_relay.importer import Importer
-    from mailbox_relay.progress import Summary
     from mailbox_relay.settings import ImportSettings, MessageSettings
     from mailbox_relay.sources.files import detect
     from mailbox_relay.workers import start_workers

@@ -191,3 +191,9 @@ def test_serve_refuses_a_stale_mailgun_signature_and_answers_mandrills_health_ch
     with LocalServe(str(tmp_path / "md"), password="s3cret", ingress="mandrill") as serve:
         assert requests.get(serve.url, timeout=10).status_code == 200
         assert requests.post(serve.url, data={"mandrill_events": "[]"}, timeout=10).status_code == 401
+
+
+def test_settings_offers_exactly_the_ingresses_there_are() -> None:
+    from mailbox_relay.settings import INGRESS_NAMES
+
+    assert tuple(INGRESSES) == INGRESS_NAMES

@@ -90,3 +90,15 @@ def test_deliver_imports_none_of_the_other_commands() -> None:
         reached & (others | {"mailbox_relay.importer", "mailbox_relay.check", "mailbox_relay.server"})
         == set()
     )
+
+
+def test_imports_run_one_way_settings_below_ingress_and_ingress_below_cli() -> None:
+    graph = import_graph()
+    ingress = {name for name in graph if name.startswith("mailbox_relay.ingress")}
+    cli = {name for name in graph if name.startswith("mailbox_relay.cli")}
+    assert "mailbox_relay.ingress.target" in ingress and "mailbox_relay.ingress.endpoint" in ingress
+    assert graph["mailbox_relay.settings"] & ingress == set()
+    for module in ingress:
+        assert graph[module] & cli == set(), module
+    # outcome is the bottom: the exit codes and kinds every layer reads, importing nothing of ours
+    assert graph["mailbox_relay.outcome"] == set()

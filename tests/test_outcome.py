@@ -10,6 +10,8 @@ from mailbox_relay.outcome import (
     Kind,
     Outcome,
     Reason,
+    Trouble,
+    auth_exit_code,
     check_exit_code,
     exit_code,
 )
@@ -107,3 +109,42 @@ def test_attempt_count_is_added_only_after_a_retry() -> None:
     outcome = Outcome(Reason.SERVER_ERROR, "x")
     assert outcome.after(1, 0.1).detail == "x"
     assert outcome.after(3, 12.4).detail == "x [3 attempts over 12s]"
+
+
+def test_every_problem_kind_of_the_sources_has_a_trouble_row() -> None:
+    """The kinds the sources raise (ImapProblem, TokenProblem, SourceProblem) are Trouble's
+    values, so Trouble(kind) works."""
+    import ast
+    from pathlib import Path
+
+    kinds = set()
+    for name in ("sources/imap.py", "sources/oauth2.py", "sources/__init__.py"):
+        tree = ast.parse((Path(__file__).resolve().parents[1] / "mailbox_relay" / name).read_text())
+        for node in ast.walk(tree):
+            raised = ("ImapProblem", "TokenProblem", "SourceProblem")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in raised:
+                first = node.args[0] if node.args else None
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    kinds.add(first.value)
+    assert {"dns", "connect", "tls", "login", "grant", "folder", "network", "client", "denied"} <= kinds
+    assert kinds <= {trouble.value for trouble in Trouble}
+
+
+@pytest.mark.parametrize(
+    ("kind", "check", "temporary", "auth"),
+    [
+        ("login", 77, False, 78),
+        ("grant", 77, False, 78),
+        ("tls", 78, False, 78),
+        ("folder", 78, False, 78),
+        ("client", 78, False, 78),
+        ("network", 69, True, 75),
+        ("unavailable", 69, True, 75),
+        ("denied", 77, False, 77),
+        ("timeout", 69, True, 75),
+        ("something new", 69, True, 75),  # an unknown kind may pass by itself
+    ],
+)
+def test_trouble_rows(kind: str, check: int, temporary: bool, auth: int) -> None:
+    trouble = Trouble.of(kind)
+    assert (trouble.check_code, trouble.temporary, auth_exit_code(trouble)) == (check, temporary, auth)

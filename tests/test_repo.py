@@ -8,10 +8,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 
 from mailbox_relay.cli import COMMANDS
+from mailbox_relay.outcome import DELIVER_EXITS, EXIT_MAPS, QMAIL, SYSEXITS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -141,3 +143,50 @@ def test_readme_links_are_absolute_and_name_files_that_exist() -> None:
         if link.startswith(base):
             path = link[len(base) :].split("/", 2)[2]  # blob/main/PATH or tree/main/PATH
             assert (ROOT / path).exists(), link
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    return f'"{value}"'
+
+
+def account_keys_table() -> str:
+    """The README's table of account keys, as the Fields of accounts.py declare them."""
+    from mailbox_relay.accounts import ACCOUNT_FIELDS
+
+    rows = ["| key | default | what |", "|---|---|---|"]
+    for name, field in ACCOUNT_FIELDS.items():
+        default = field.shown_default or ("" if field.default is None else f"`{_toml(field.default)}`")
+        rows.append(f"| `{name}` | {default} | {field.help} |")
+    return "\n".join(rows)
+
+
+def test_the_readme_table_of_account_keys_is_the_fields() -> None:
+    match = re.search(r"<!-- account-keys -->\n(.*?)\n<!-- /account-keys -->", README, re.S)
+    assert match, "README.md has no <!-- account-keys --> table"
+    assert match.group(1) == account_keys_table(), "regenerate it with tests/test_repo.py:account_keys_table"
+
+
+def _readme_table(name: str) -> List[List[str]]:
+    match = re.search(rf"<!-- exit-codes: {name} -->\n((?:\|.*\|\n)+)", README)
+    assert match, f"README.md has no exit-code table for {name}"
+    return [
+        [cell.strip() for cell in line.strip("|").split(" | ")] for line in match.group(1).splitlines()[2:]
+    ]
+
+
+@pytest.mark.parametrize("command", sorted(EXIT_MAPS))
+def test_the_readme_exit_code_tables_are_outcomes_maps(command: str) -> None:
+    assert _readme_table(command) == [[str(int(code)), meaning] for code, meaning in EXIT_MAPS[command]]
+
+
+def test_the_readme_exit_codes_of_deliver_are_outcomes() -> None:
+    rows = _readme_table("deliver")
+    assert [(row[1], row[2]) for row in rows] == [
+        (str(int(SYSEXITS[kind])), str(int(QMAIL[kind]))) for kind, _, _ in DELIVER_EXITS
+    ]

@@ -6,11 +6,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
 from mailbox_relay.cli import COMMANDS, FOR_PEOPLE
+from mailbox_relay.outcome import DELIVER_EXITS, EXIT_MAPS, QMAIL, SYSEXITS
 
 from .helpers import invoke
 
@@ -114,3 +116,52 @@ def test_shell_completion_completes_commands(clean_env: Dict[str, str]) -> None:
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert b"plain,import" in result.stdout, result.stdout
+
+
+BROKEN_CONFIG = {  # each command people run, with a config file that has an unknown key
+    "import": ["import", "x.mbox"],
+    "check": ["check"],
+    "fetch": ["fetch"],
+    "watch": ["watch"],
+    "status": ["status"],
+    "auth": ["auth", "box"],
+    "serve": ["serve", "--port", "0"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(BROKEN_CONFIG))
+def test_a_config_error_exits_78_from_every_command_people_run(
+    clean_env: Dict[str, str], tmp_path: Path, command: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('url = "http://127.0.0.1:9"\npassword = "pw"\nno_such_key = 1\n')
+    code, out, err = invoke([*BROKEN_CONFIG[command], "--config", str(config)])
+    said = out + err  # check reports on stdout, as a failed step
+    assert code == 78, said
+    assert "unknown key 'no_such_key'" in said and "4.3.5" not in said, said
+
+
+def test_deliver_and_the_top_level_keep_75_for_a_config_error(
+    clean_env: Dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("no_such_key = 1\n")
+    code, _, err = invoke(["deliver", "--config", str(config)], stdin=b"From: a@b\n\nhi\n")
+    assert code == 75 and err.startswith("4.3.5 unknown key 'no_such_key'"), err
+
+
+@pytest.mark.parametrize("command", sorted(EXIT_MAPS))
+def test_every_exit_code_table_in_help_is_outcomes_map(clean_env: Dict[str, str], command: str) -> None:
+    text = invoke([command, "--help"])[1]
+    listed = [int(code) for code in re.findall(r"^\s+(\d+)  \S", text.split("Exit codes")[1], re.M)]
+    assert listed == [int(code) for code, _ in EXIT_MAPS[command]]
+    for code, meaning in EXIT_MAPS[command]:
+        assert f"{int(code):>2}  {meaning.split()[0]}" in text
+
+
+def test_deliver_help_shows_both_conventions_from_outcome(clean_env: Dict[str, str]) -> None:
+    text = invoke(["deliver", "--help"])[1]
+    for kind, meaning, _ in DELIVER_EXITS:
+        assert re.search(rf"{re.escape(meaning)}\s+{int(SYSEXITS[kind])}\s+{int(QMAIL[kind])}\b", text), (
+            meaning
+        )

@@ -20,7 +20,18 @@ import click
 
 from mailbox_relay import __version__
 from mailbox_relay.log import flush_or_mute, say, to_stderr, to_stderr_error
-from mailbox_relay.outcome import ConfigError, Exit, Outcome, Reason, exit_code, internal_error
+from mailbox_relay.outcome import (
+    QMAIL,
+    SYSEXITS,
+    ConfigError,
+    Exit,
+    Kind,
+    Outcome,
+    Reason,
+    UsageError,
+    exit_code,
+    internal_error,
+)
 from mailbox_relay.settings import CONFIG, EXIT_CODES, Layers, PasswordFileWarning, open_layers
 
 # name -> "module:function". The order is the order of the top-level --help.
@@ -62,22 +73,27 @@ class LazyGroup(click.Group):
         return command
 
 
+TOP_HELP = f"""Move email into a Rails app's Action Mailbox relay ingress, safely.
+
+`mailbox-relay COMMAND --help` shows a command's options and exit codes.
+
+A usage error exits {int(SYSEXITS[Kind.TEMPORARY])}, a temporary failure \
+({int(QMAIL[Kind.TEMPORARY])} with --exit-codes qmail), not {int(Exit.USAGE)}, when it is made at the top \
+level (no command, an unknown command) or in the command deliver: a typo in a master.cf or \
+getmailrc line must defer mail, not bounce it. The other commands exit {int(Exit.USAGE)} on a usage \
+error, and {int(Exit.CONFIG)} when a setting is wrong.
+"""
+
+
 @click.group(
     cls=LazyGroup,
+    help=TOP_HELP,
     no_args_is_help=False,  # `mailbox-relay < message` is an MTA's mistake: exit 75, not help
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="mailbox-relay")
 def cli() -> None:
-    """Move email into a Rails app's Action Mailbox relay ingress, safely.
-
-    `mailbox-relay COMMAND --help` shows a command's options and exit codes.
-
-    A usage error exits 75, a temporary failure (111 with --exit-codes qmail), not 64, when it is
-    made at the top level (no command, an unknown command) or in the command deliver: a typo in a
-    master.cf or getmailrc line must defer mail, not bounce it. The other commands exit 64 on a
-    usage error.
-    """
+    pass
 
 
 def _no_such_command(name: str) -> str:
@@ -172,6 +188,16 @@ def _usage_error(error: click.ClickException, args: Sequence[str], environ: Mapp
     return outcome
 
 
+def _config_error(error: ConfigError, args: Sequence[str]) -> Any:
+    """A setting is wrong: one line and 78 from every command people run (64 if the value was
+    typed as an option). Anything else may be an MTA's pipe: a temporary failure, as deliver's."""
+    command = next((arg for arg in args if not arg.startswith("-")), "")
+    if command in FOR_PEOPLE:
+        to_stderr_error(error.outcome.detail)
+        return Exit.USAGE if isinstance(error, UsageError) else Exit.CONFIG
+    return _said(error.outcome)
+
+
 def _said(outcome: Outcome) -> Outcome:
     """The one line of a failure the boundary itself met (commands report their own)."""
     say(outcome.line())
@@ -192,6 +218,8 @@ def run(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] =
         result = cli.main(args=args, prog_name="mailbox-relay", standalone_mode=False)
     except click.ClickException as error:
         result = _usage_error(error, args, environ)
+    except ConfigError as error:
+        result = _config_error(error, args)
     except click.exceptions.Abort:
         result = _said(Outcome(Reason.INTERRUPTED, "interrupted; nothing was delivered"))
     except Exception as error:  # the last boundary: a crash is temporary, never exit 1

@@ -9,15 +9,7 @@ import click
 
 from mailbox_relay.cli.options import config_option, exit_codes_help, usage_errors
 from mailbox_relay.log import say, to_stderr, to_stderr_error
-from mailbox_relay.outcome import Exit
-
-EXITS = (
-    (Exit.OK, "the grant is saved"),
-    (Exit.NOPERM, "the sign-in was declined"),
-    (Exit.TEMPFAIL, "no sign-in in time, or the provider could not be reached: run it again"),
-    (Exit.CONFIG, "the account's OAuth2 settings are wrong (the line says which)"),
-    (Exit.USAGE, "usage error"),
-)
+from mailbox_relay.outcome import AUTH_EXITS, Exit, Trouble, auth_exit_code
 
 AUTH_HELP = f"""Sign in to an IMAP account's OAuth2 provider once, and store the grant.
 
@@ -34,10 +26,7 @@ Two flows, both usable over SSH on a headless mail host:
             Gmail). On a headless host, forward the port first:
             ssh -L 8765:127.0.0.1:8765 mailhost, then auth ACCOUNT --port 8765
 
-{exit_codes_help(EXITS)}"""
-
-# What each TokenProblem kind means for auth's exit code.
-_CODES = {"denied": Exit.NOPERM, "timeout": Exit.TEMPFAIL, "network": Exit.TEMPFAIL}
+{exit_codes_help(AUTH_EXITS)}"""
 
 
 @click.command(
@@ -69,7 +58,6 @@ _CODES = {"denied": Exit.NOPERM, "timeout": Exit.TEMPFAIL, "network": Exit.TEMPF
 )
 def auth(account: str, flow: Optional[str], port: int, wait_seconds: float, **options: Any) -> Exit:
     from mailbox_relay.accounts import load_accounts
-    from mailbox_relay.outcome import RelayError
     from mailbox_relay.settings import open_layers
     from mailbox_relay.sources import oauth2
 
@@ -90,10 +78,8 @@ def auth(account: str, flow: Optional[str], port: int, wait_seconds: float, **op
         token = oauth2.store_first_grant(chosen, answer)
     except oauth2.TokenProblem as problem:
         to_stderr_error(problem.line)
-        return _CODES.get(problem.kind, Exit.CONFIG)
-    except RelayError as error:  # the config file, the client secret file, the grant file
-        to_stderr_error(error.outcome.detail)
-        return Exit.CONFIG
+        return auth_exit_code(Trouble.of(problem.kind))
+    # A ConfigError (the config file, the client secret file, the grant file) ends at cli.run: 78.
     except KeyboardInterrupt:
         to_stderr(f"interrupted; nothing was saved: run `mailbox-relay auth {account}` again")
         return Exit.TEMPFAIL

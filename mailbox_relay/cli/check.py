@@ -8,18 +8,10 @@ from typing import Any, Tuple
 
 import click
 
-from mailbox_relay.cli.options import exit_codes_help, settings_options, usage_errors
+from mailbox_relay.cli.options import account_option, exit_codes_help, settings_options, usage_errors
 from mailbox_relay.log import mute, nowhere, say, to_stderr
-from mailbox_relay.outcome import Exit
+from mailbox_relay.outcome import CHECK_EXITS, Exit
 from mailbox_relay.settings import CONNECTION
-
-EXITS = (
-    (Exit.OK, "ready"),
-    (Exit.NOPERM, "password rejected (401/403)"),
-    (Exit.CONFIG, "configuration: wrong path (404), redirect, missing URL/password, plain http"),
-    (Exit.UNAVAILABLE, "unreachable, TLS failure, timeout or 5xx (or check itself failed unexpectedly)"),
-    (Exit.USAGE, "usage error (a wrong option or option value)"),
-)
 
 HELP = f"""Check that delivery would work, step by step, without creating an inbound email.
 
@@ -28,7 +20,7 @@ expiry), then posts with the right password and a deliberately wrong Content-Typ
 Mailbox answers 415 to that only when the URL, the relay ingress and the password are all
 right, and stores nothing.
 
-{exit_codes_help(EXITS, "Exit codes (for people and monitoring)")}"""
+{exit_codes_help(CHECK_EXITS, "Exit codes (for people and monitoring)")}"""
 
 
 @click.command(help=HELP, short_help="Diagnose the settings and the ingress without creating anything.")
@@ -36,13 +28,9 @@ right, and stores nothing.
     CONNECTION,
     verbose="Log every setting and where it came from to stderr, before the report. Never logs the password.",
 )
-@click.option(
-    "--account",
-    "accounts",
-    multiple=True,
-    metavar="NAME",
-    help="Also check this IMAP account of the config file first: DNS, TCP, TLS, login, "
-    "capabilities, and each folder opened read-only with its message count (repeatable).",
+@account_option(
+    "Also check this IMAP account of the config file first: DNS, TCP, TLS, login, "
+    "capabilities, and each folder opened read-only with its message count (repeatable)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def check(verbose: bool, accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:

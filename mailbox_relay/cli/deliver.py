@@ -11,24 +11,31 @@ import click
 
 from mailbox_relay.cli.options import settings_options
 from mailbox_relay.log import nowhere, say, to_stderr
-from mailbox_relay.outcome import Outcome, Reason, internal_error
+from mailbox_relay.outcome import DELIVER_EXITS, QMAIL, SYSEXITS, Exit, Outcome, Reason
 from mailbox_relay.settings import CONNECTION, DELIVER, DELIVERY
 from mailbox_relay.signals import Interrupted, signals_interrupt
 
-HELP = """Deliver one message (FILE, or stdin) to the Action Mailbox relay ingress.
+
+def _exit_codes() -> str:
+    """deliver's exit codes in both conventions, from outcome.py's maps (no textwrap: every
+    delivered message would pay for it)."""
+    rows = [
+        f"  {meaning:<18}{int(SYSEXITS[kind]):>10}{int(QMAIL[kind]):>8}" + (f"   {note}" if note else "")
+        for kind, meaning, note in DELIVER_EXITS
+    ]
+    return "\n".join(["\b", "Exit codes:           sysexits   qmail", *rows])
+
+
+HELP = f"""Deliver one message (FILE, or stdin) to the Action Mailbox relay ingress.
 
 Checks that it is an RFC 822 message, strips one leading mbox "From " line, posts it as
 message/rfc822 with Basic auth (user actionmailbox), and retries what may work later.
 Prints nothing on success.
 
-\b
-Exit codes:           sysexits   qmail
-  delivered (2xx)            0       0
-  invalid message           65     100   permanent: the caller bounces it
-  anything else             75     111   temporary: the caller keeps it and retries
+{_exit_codes()}
 
 "Anything else" includes usage errors: a typo in a master.cf or getmailrc line must defer
-mail, not bounce it (MTAs bounce 64).
+mail, not bounce it (MTAs bounce {int(Exit.USAGE)}).
 
 On failure one line on stderr says what to do next, led by an enhanced status code
 (4.x.x or 5.x.x) that Postfix uses.
@@ -57,6 +64,7 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> Outcome:
 
     log = to_stderr if verbose else nowhere
     # Warnings are recorded, not printed: stderr must stay silent on success (getmail, Exim).
+    # A crash (a bug of ours) ends at cli.run, the one boundary: a temporary failure, never 1.
     with signals_interrupt(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -69,8 +77,6 @@ def deliver(file: Optional[str], verbose: bool, **options: Any) -> Outcome:
                 f"interrupted by {signal_name} before the ingress confirmed delivery; "
                 "the message will be retried",
             )
-        except Exception as error:  # a crash must defer, never bounce
-            outcome = internal_error(error)
     _report(outcome, [f"warning: {warning.message}" for warning in caught], verbose)
     return outcome
 

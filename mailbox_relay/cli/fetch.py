@@ -8,10 +8,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from mailbox_relay.cli.options import exit_codes_help, field_options, settings_options, usage_errors
-from mailbox_relay.log import nowhere, say, to_stderr, to_stderr_error
-from mailbox_relay.outcome import Exit
-from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FETCH, FetchSettings
+from mailbox_relay.cli.options import (
+    account_option,
+    exit_codes_help,
+    field_options,
+    settings_options,
+    usage_errors,
+)
+from mailbox_relay.log import nowhere, say, to_stderr
+from mailbox_relay.outcome import FETCH_EXITS, STATUS_EXITS, WATCH_EXITS, Exit
+from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FAILED, FETCH, FetchSettings
 
 ACCOUNTS = """
 IMAP accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
@@ -29,13 +35,7 @@ through: it stays on the server, and `status` lists it. An invalid message is re
 left on the server. An answer every message would get (401, 404, TLS, connection refused)
 pauses that folder until the next run.
 
-\b
-Exit codes:
-   0  everything found was delivered
-  75  something failed and may pass on a later run (or a setting is wrong)
-  65  only invalid messages are left
-  64  usage error
-"""
+{exit_codes_help(FETCH_EXITS)}"""
 
 WATCH_HELP = f"""Stay connected and deliver each message as it arrives (IMAP IDLE, or polling).
 {ACCOUNTS}
@@ -43,18 +43,7 @@ One process serves every account and folder. It logs one line per event to stder
 exits on network, IMAP or ingress trouble (it reconnects with backoff and catches up), and on
 SIGTERM or Ctrl-C finishes the delivery in flight, logs out and exits 0.
 
-\b
-Exit codes:
-   0  stopped by a signal
-  78  a setting is wrong, or an IMAP login was rejected 3 times in a row
-  64  usage error
-"""
-
-STATUS_EXITS = (
-    (Exit.OK, "shown (also when nothing was fetched yet)"),
-    (Exit.CONFIG, "the config file, an account named with --account, or the state file is unusable"),
-    (Exit.USAGE, "usage error"),
-)
+{exit_codes_help(WATCH_EXITS)}"""
 
 STATUS_HELP = f"""Show, per account and folder, what fetch and watch have done (from the state file).
 
@@ -65,13 +54,7 @@ timeout), not merely while its process exists. Changes nothing.
 
 {exit_codes_help(STATUS_EXITS)}"""
 
-_ACCOUNT = click.option(
-    "--account",
-    "accounts",
-    multiple=True,
-    metavar="NAME",
-    help="Only this account (repeatable); all accounts by default.",
-)
+_ACCOUNT = account_option("Only this account (repeatable); all accounts by default.")
 
 
 @click.command(help=FETCH_HELP, short_help="Fetch new IMAP mail once (cron, systemd timers).")
@@ -80,6 +63,7 @@ _ACCOUNT = click.option(
     CONNECTION,
     DELIVERY,
     FETCH,
+    FAILED,
     verbose="Log every setting and where it came from, each account's settings, and each message "
     "found, delivered or failed, to stderr. Never logs a password or token.",
 )
@@ -97,25 +81,21 @@ def fetch(
     **options: Any,
 ) -> Exit:
     from mailbox_relay.fetch.once import fetch_once, open_context
-    from mailbox_relay.outcome import RelayError
     from mailbox_relay.signals import stop_signals
 
     stop: List[bool] = []
-    try:
-        with usage_errors():
-            context = open_context(options, os.environ, accounts)
-        if verbose:
-            for line in context.describe():
-                to_stderr(line)
-        if retry_quarantined:
-            _release(context)
-        with stop_signals(lambda: stop.append(True)):
-            summary = fetch_once(
-                context, log=to_stderr, events=to_stderr if verbose else nowhere, stopping=lambda: bool(stop)
-            )
-    except RelayError as error:
-        to_stderr_error(error.outcome.detail)
-        return Exit.TEMPFAIL
+    # A ConfigError (a setting, the state file) ends at cli.run's boundary: 78, as for watch.
+    with usage_errors():
+        context = open_context(options, os.environ, accounts)
+    if verbose:
+        for line in context.describe():
+            to_stderr(line)
+    if retry_quarantined:
+        _release(context)
+    with stop_signals(lambda: stop.append(True)):
+        summary = fetch_once(
+            context, log=to_stderr, events=to_stderr if verbose else nowhere, stopping=lambda: bool(stop)
+        )
     if as_json:
         import json
 
@@ -143,21 +123,17 @@ def _release(context: Any) -> None:
     CONNECTION,
     DELIVERY,
     FETCH,
+    FAILED,
     verbose="Log every setting and where it came from, and each account's settings, to stderr at "
     "start. Never logs a password or token.",
 )
 def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
     from mailbox_relay.fetch.once import open_context
     from mailbox_relay.fetch.watch import run_watch
-    from mailbox_relay.outcome import RelayError
 
-    try:
-        with usage_errors():
-            context = open_context(options, os.environ, accounts)
-            context.open_state().close()  # an unusable state file is a setting to fix: say it now
-    except RelayError as error:
-        to_stderr_error(error.outcome.detail)
-        return Exit.CONFIG
+    with usage_errors():  # a ConfigError ends at cli.run's boundary: 78
+        context = open_context(options, os.environ, accounts)
+        context.open_state().close()  # an unusable state file is a setting to fix: say it now
     if verbose:
         for line in context.describe():
             to_stderr(line)
@@ -172,14 +148,9 @@ def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
 def status(accounts: Tuple[str, ...], as_json: bool, **options: Any) -> Exit:
     from mailbox_relay.fetch.status import folder_status
-    from mailbox_relay.outcome import RelayError
 
-    try:
-        with usage_errors():
-            rows, path = folder_status(options, os.environ, accounts)
-    except RelayError as error:
-        to_stderr_error(error.outcome.detail)
-        return Exit.CONFIG
+    with usage_errors():  # a ConfigError ends at cli.run's boundary: 78
+        rows, path = folder_status(options, os.environ, accounts)
     if as_json:
         import json
 

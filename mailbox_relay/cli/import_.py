@@ -11,20 +11,8 @@ import click
 
 from mailbox_relay.cli.options import exit_codes_help, settings_options, usage_errors
 from mailbox_relay.log import nowhere, say, to_stderr, to_stderr_error
-from mailbox_relay.outcome import Exit
-from mailbox_relay.settings import CONNECTION, DELIVERY, IMPORT
-
-EXITS = (
-    (Exit.OK, "nothing left undelivered"),
-    (
-        Exit.TEMPFAIL,
-        "some messages failed for a reason that may pass, the run was interrupted, or it "
-        "stopped early (fix the cause, run the same command again)",
-    ),
-    (Exit.NOINPUT, "an input or a message could not be read (and nothing failed otherwise)"),
-    (Exit.DATAERR, "some messages are invalid (and nothing else went wrong)"),
-    (Exit.USAGE, "usage error (a wrong option or value, an unwritable --state or --failed-dir)"),
-)
+from mailbox_relay.outcome import IMPORT_EXITS, Exit
+from mailbox_relay.settings import CONNECTION, DELIVERY, FAILED, IMPORT
 
 HELP = f"""Import mbox files (optionally .gz), Maildirs and trees of .eml files.
 
@@ -39,7 +27,7 @@ failures resumes: it sends only what is not yet delivered, and a completed rerun
 nothing. Inputs are never modified. An unreadable message or a damaged input is counted and
 the run goes on; an answer every message would get (401, 404, TLS, ...) stops it early.
 
-{exit_codes_help(EXITS)}"""
+{exit_codes_help(IMPORT_EXITS)}"""
 
 
 def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[datetime]:
@@ -58,6 +46,7 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
     CONNECTION,
     DELIVERY,
     IMPORT,
+    FAILED,
     verbose="Log every setting and where it came from, and each attempt that is retried, to stderr. "
     "Never logs the password.",
 )
@@ -84,12 +73,6 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
     metavar="LABEL",
     help="Skip messages with this X-Gmail-Labels label, e.g. Spam, Trash, Chat (repeatable).",
 )
-@click.option(
-    "--failed-dir",
-    metavar="DIR",
-    type=click.Path(file_okay=False),
-    help="Write every message that could not be delivered there, as a Maildir message.",
-)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; a summary only if something failed.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="PATH...")
@@ -103,15 +86,14 @@ def import_(
     until: Optional[datetime],
     label: List[str],
     exclude_label: List[str],
-    failed_dir: Optional[str],
     as_json: bool,
     quiet: bool,
     **options: Any,
 ) -> Exit:
     from mailbox_relay.filters import Filters
+    from mailbox_relay.import_summary import summary_lines
     from mailbox_relay.importer import run_import
-    from mailbox_relay.outcome import RelayError
-    from mailbox_relay.progress import RichProgress, choose, summary_lines
+    from mailbox_relay.progress import RichProgress, choose
     from mailbox_relay.sources.files import NotASource
 
     filters = Filters(
@@ -133,16 +115,12 @@ def import_(
                 use_state=not no_state,
                 restart=restart,
                 filters=filters,
-                failed_dir=failed_dir,
                 progress=progress,
                 log=log,
                 # Worker processes write to stderr themselves, which would tear a live bar.
                 quiet=quiet or live_bar,
                 verbose=verbose,
             )
-    except RelayError as error:
-        to_stderr_error(error.outcome.detail)
-        return Exit.TEMPFAIL
     except NotASource as error:
         to_stderr_error(str(error))
         return Exit.NOINPUT

@@ -63,6 +63,11 @@ def exit_codes_help(rows: Sequence[Tuple[Exit, str]], title: str = "Exit codes")
     return "\n".join(lines) + "\n"
 
 
+def account_option(help_text: str) -> Callable[[F], F]:
+    """--account NAME (repeatable): which [accounts.NAME] tables a command works on."""
+    return click.option("--account", "accounts", multiple=True, metavar="NAME", help=help_text)
+
+
 def _apply(decorators: Sequence[Callable[[Any], Any]], command: F) -> F:
     for decorator in reversed(decorators):
         command = decorator(command)

@@ -11,15 +11,7 @@ import click
 from mailbox_relay.cli.options import exit_codes_help, password_options, usage_errors
 from mailbox_relay.ingress.formats import INGRESSES
 from mailbox_relay.log import to_stderr, to_stderr_error
-from mailbox_relay.outcome import Exit
-
-EXITS = (
-    (Exit.OK, "stopped with Ctrl-C or SIGTERM"),
-    (Exit.CONFIG, "no password"),
-    (Exit.CANTCREAT, "the Maildir cannot be created"),
-    (Exit.UNAVAILABLE, "cannot listen on --host/--port"),
-    (Exit.USAGE, "usage error"),
-)
+from mailbox_relay.outcome import SERVE_EXITS, Exit
 
 HELP = f"""Run a local ingress that answers exactly like Action Mailbox's.
 
@@ -38,7 +30,7 @@ instead, on its path, as Rails' controller does: Basic auth (postmark, sendgrid)
 signature made with the password as signing key (mailgun) or API key (mandrill); the raw
 message from RawEmail, email, body-mime or each inbound event's raw_msg.
 
-{exit_codes_help(EXITS)}"""
+{exit_codes_help(SERVE_EXITS)}"""
 
 
 @click.command(
@@ -78,14 +70,10 @@ def serve(host: str, port: int, maildir: str, ingress: str, **options: Any) -> E
     from mailbox_relay.settings import open_layers
     from mailbox_relay.signals import stop_signals
 
-    try:
-        with usage_errors():
-            password = open_layers(options, os.environ).password()[0]
-        if password is None:
-            raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
-    except ConfigError as error:
-        to_stderr_error(error.outcome.detail)
-        return Exit.CONFIG
+    with usage_errors():  # a ConfigError ends at cli.run's boundary: 78
+        password = open_layers(options, os.environ).password()[0]
+    if password is None:
+        raise ConfigError("serve needs a password: set MAILBOX_RELAY_PASSWORD or pass --password-file")
     try:  # listen first: a server that cannot run creates no Maildir
         server = listen(host, port, to_stderr)
     except OSError as error:

@@ -15,11 +15,12 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.fetch.rules import FolderResult, FolderSync, Post, left_alone_line
+from mailbox_relay.ingress.target import Target, target_from
 from mailbox_relay.log import Log, nowhere
-from mailbox_relay.maildir import MaildirWriter
+from mailbox_relay.maildir import MaildirWriter, open_failed_dir
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import ConfigError, Exit
-from mailbox_relay.settings import FetchSettings, Settings, open_layers, settings_from
+from mailbox_relay.settings import FetchSettings, open_layers
 from mailbox_relay.sources import connect
 from mailbox_relay.sources.mailbox import SourceProblem, describe
 from mailbox_relay.state.folders import FetchState, FolderBusy, StateProblem, default_path
@@ -33,7 +34,7 @@ CONNECTION_ERRORS: Tuple[Type[BaseException], ...] = (OSError, EOFError, socket.
 
 @dataclass
 class FetchContext:
-    settings: Settings
+    settings: Target
     fetch: FetchSettings
     accounts: List[Account]
     state_path: str
@@ -78,21 +79,14 @@ def open_context(
     """Everything `fetch` and `watch` need, checked before any connection. Raises ConfigError."""
     layers = open_layers(options, environ)
     fetch = FetchSettings.resolve(layers)
-    settings = settings_from(layers)
+    settings = target_from(layers)
     accounts = load_accounts(layers, names)
-    failed = None
-    if fetch.failed_dir:
-        try:
-            failed = MaildirWriter(fetch.failed_dir)
-        except OSError as error:
-            raise ConfigError(
-                f"cannot use failed_dir {fetch.failed_dir} ({error.strerror or error})"
-            ) from None
+    failed = open_failed_dir(fetch.failed_dir, fetch.sources.get("failed_dir", "default"))
     return FetchContext(settings, fetch, accounts, fetch.fetch_state or default_path(environ), failed)
 
 
 def make_post(
-    settings: Settings,
+    settings: Target,
     log: Log,
     *,
     threaded: bool = False,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 from mailbox_relay.accounts import load_accounts
+from mailbox_relay.processes import pid_alive
 from mailbox_relay.settings import FetchSettings, open_layers
 from mailbox_relay.state.folders import FetchState, default_path
 
@@ -38,16 +39,3 @@ def folder_status(
         fresh = row["watcher_until"] is not None and row["watcher_until"] > now
         row["watching"] = fresh and pid_alive(row["watcher_pid"])
     return rows, path
-
-
-def pid_alive(pid: Optional[int]) -> bool:
-    """A watch that was killed (-9) leaves its pid behind: ask the kernel whether it still runs."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True

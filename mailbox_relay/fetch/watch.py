@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, List, Optional
 
 from mailbox_relay import deadline
 from mailbox_relay.accounts import Account, SecretCommandFailed
+from mailbox_relay.backoff import Backoff
 from mailbox_relay.fetch.once import CONNECTION_ERRORS, FetchContext, make_post
 from mailbox_relay.fetch.rules import FolderResult, FolderSync
-from mailbox_relay.ingress.client import Backoff
 from mailbox_relay.log import Log
 from mailbox_relay.outcome import ConfigError, Exit, RelayError
 from mailbox_relay.signals import Interrupted, stop_signals

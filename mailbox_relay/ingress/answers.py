@@ -12,7 +12,7 @@ from typing import Callable, Iterator, List, Optional
 
 import requests
 
-from mailbox_relay.endpoint import RELAY_PATH, UNREACHABLE_HINT, Endpoint, plain_http_hint
+from mailbox_relay.ingress.endpoint import RELAY_PATH, UNREACHABLE_HINT, Endpoint, plain_http_hint
 from mailbox_relay.ingress.formats import RELAY, Ingress
 from mailbox_relay.outcome import DELIVERED, Outcome, Reason
 

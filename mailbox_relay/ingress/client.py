@@ -9,25 +9,25 @@ already reached Rails is deduplicated there.
 
 from __future__ import annotations
 
-import random
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Tuple
 
 import requests
 
+from mailbox_relay.backoff import Backoff as Backoff  # watch reconnects with it too
 from mailbox_relay.ingress import formats
 from mailbox_relay.ingress.answers import classify_error, classify_response, parse_retry_after
-from mailbox_relay.ingress.formats import INGRESSES, RELAY
+from mailbox_relay.ingress.formats import RELAY
+from mailbox_relay.ingress.target import Target
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Outcome, Reason
-from mailbox_relay.settings import Settings
 from mailbox_relay.signals import DeadlinePassed, deadline
 
 RELAY_USER = "actionmailbox"
 
 
-def make_session(settings: Settings, threaded: bool = False) -> requests.Session:
+def make_session(target: Target, threaded: bool = False) -> requests.Session:
     """The only way this tool gets an HTTP session: auth, type, agent, TLS, proxies.
 
     `threaded`: for posts off the main thread, where SIGALRM cannot bound an attempt; its
@@ -38,19 +38,19 @@ def make_session(settings: Settings, threaded: bool = False) -> requests.Session
     requests' `max_redirects = 0` would raise before we could read the Location.
     """
     session = requests.Session()
-    if INGRESSES[settings.ingress].basic_auth:  # mailgun and mandrill sign each request instead
+    if target.ingress_format.basic_auth:  # mailgun and mandrill sign each request instead
         # As bytes: requests would encode a str password as Latin-1 (and fail on "€"), while
         # Rails compares the UTF-8 bytes.
-        session.auth = requests.auth.HTTPBasicAuth(RELAY_USER.encode(), settings.password.encode("utf-8"))
-    session.headers["User-Agent"] = settings.user_agent
+        session.auth = requests.auth.HTTPBasicAuth(RELAY_USER.encode(), target.secret.encode("utf-8"))
+    session.headers["User-Agent"] = target.user_agent
     session.headers["Content-Type"] = "message/rfc822"
     # Read the environment (proxies, CA bundle) once here instead of on every post: requests
     # scans os.environ twice per request otherwise, a quarter of an import's CPU. It also keeps
     # ~/.netrc from replacing the ingress credentials.
     session.trust_env = False
-    session.proxies.update(requests.utils.get_environ_proxies(settings.url))
-    session.verify = settings.tls.verify
-    if settings.tls.insecure:
+    session.proxies.update(requests.utils.get_environ_proxies(target.url))
+    session.verify = target.tls.verify
+    if target.tls.insecure:
         # The user opted out of verification explicitly; urllib3's per-request warning on stderr
         # would make getmail and Exim treat every delivery as failed.
         import warnings
@@ -91,7 +91,7 @@ ANSWER_CAP = 64 * 1024  # of any answer's body, read at most this much: enough f
 
 def _post(
     session: requests.Session,
-    settings: Settings,
+    target: Target,
     data: Any,
     size: int,
     headers: Optional[Dict[str, str]] = None,
@@ -104,37 +104,37 @@ def _post(
     status: Optional[int] = None
     outcome: Optional[Outcome] = None
     try:
-        with deadline(settings.timeout):
+        with deadline(target.timeout):
             response = session.post(
-                settings.url,
+                target.url,
                 data=data,
                 headers=headers,
-                timeout=settings.timeout,
+                timeout=target.timeout,
                 allow_redirects=False,
                 stream=True,  # the body is read by _drain, capped, never whole
             )
-            status, outcome = response.status_code, _classify(response, settings, size)
+            status, outcome = response.status_code, _classify(response, target, size)
             _drain(response)
     except requests.RequestException as error:
-        return None, classify_error(error, settings.endpoint, settings.timeout)
+        return None, classify_error(error, target.endpoint, target.timeout)
     except DeadlinePassed:  # wherever it struck: if the status line had come, it decides
         if outcome is None:
             outcome = Outcome(
                 Reason.TIMEOUT,
-                f"ingress at {settings.endpoint.host_port} did not answer within {settings.timeout:g}s: "
+                f"ingress at {target.endpoint.host_port} did not answer within {target.timeout:g}s: "
                 "raise --timeout if the app is slow",
             )
     return status, outcome
 
 
-def _classify(response: requests.Response, settings: Settings, size: int) -> Outcome:
+def _classify(response: requests.Response, target: Target, size: int) -> Outcome:
     return classify_response(
         response.status_code,
-        url=settings.url,
+        url=target.url,
         location=response.headers.get("Location"),
         size=size,
-        password_source=settings.password_source,
-        ingress=INGRESSES[settings.ingress],
+        password_source=target.password_source,
+        ingress=target.ingress_format,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
 
@@ -158,42 +158,42 @@ def _drain(response: requests.Response) -> None:
 STREAM_FROM = 1024 * 1024  # smaller messages are sent as one bytes object: one send, no read loop
 
 
-def post_once(session: requests.Session, settings: Settings, prepared: Prepared) -> Outcome:
-    ingress = INGRESSES[settings.ingress]
+def post_once(session: requests.Session, target: Target, prepared: Prepared) -> Outcome:
+    ingress = target.ingress_format
     if ingress is RELAY:
         body = Body(prepared) if prepared.size >= STREAM_FROM else prepared.to_bytes()
-        return _post(session, settings, body, prepared.size)[1]
-    data, headers = formats.encode(ingress, prepared.to_bytes(), settings.password, settings.url)
-    return _post(session, settings, data, prepared.size, headers)[1]
+        return _post(session, target, body, prepared.size)[1]
+    data, headers = formats.encode(ingress, prepared.to_bytes(), target.secret, target.url)
+    return _post(session, target, data, prepared.size, headers)[1]
 
 
-def probe(session: requests.Session, settings: Settings) -> Tuple[Optional[int], Outcome]:
+def probe(session: requests.Session, target: Target) -> Tuple[Optional[int], Outcome]:
     """For `check`: the ingress's probe (formats.probe), with the right secret. Action Mailbox
     checks configuration (404), then the secret (401), then the request, so the probe's answer
     proves URL, ingress and secret right without creating an inbound email."""
-    body, headers = formats.probe(INGRESSES[settings.ingress], settings.password, settings.url)
-    return _post(session, settings, body, len(body), headers)
+    body, headers = formats.probe(target.ingress_format, target.secret, target.url)
+    return _post(session, target, body, len(body), headers)
 
 
-def _cannot_carry(settings: Settings, prepared: Prepared) -> Optional[Outcome]:
-    ingress = INGRESSES[settings.ingress]
+def _cannot_carry(target: Target, prepared: Prepared) -> Optional[Outcome]:
+    ingress = target.ingress_format
     if ingress.carries_any_bytes:
         return None
     why = formats.cannot_carry(ingress, prepared.to_bytes())
     return None if why is None else Outcome(Reason.NOT_CARRIED, why)
 
 
-def answers_at(session: requests.Session, settings: Settings, url: str) -> Optional[int]:
+def answers_at(session: requests.Session, target: Target, url: str) -> Optional[int]:
     """The status one empty POST to `url` gets (None if none came), for `check` to find the
     ingress an app uses: Rails answers 404 on every ingress path but the configured one, before
     it looks at anything else. Nothing is stored by any ingress for an empty request."""
     try:
-        with deadline(settings.timeout):
+        with deadline(target.timeout):
             response = session.post(
                 url,
                 data=b"",
                 headers={"Content-Type": "text/plain"},
-                timeout=settings.timeout,
+                timeout=target.timeout,
                 allow_redirects=False,
                 stream=True,
             )
@@ -201,21 +201,6 @@ def answers_at(session: requests.Session, settings: Settings, url: str) -> Optio
             return response.status_code
     except (requests.RequestException, DeadlinePassed):
         return None
-
-
-class Backoff:
-    """Exponential backoff with jitter: about 1, 2, 4, 8, 15, 15 ... seconds."""
-
-    def __init__(
-        self, first: float = 1.0, cap: float = 15.0, random: Callable[[], float] = random.random
-    ) -> None:
-        self.first = first
-        self.cap = cap
-        self.random = random
-
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.cap, self.first * 2.0 ** (attempt - 1))
-        return ceiling * (0.5 + self.random() / 2)
 
 
 if TYPE_CHECKING:  # a runtime Protocol class would cost every delivery its creation time
@@ -244,7 +229,7 @@ class Clock:
 
 def post_with_retry(
     session: requests.Session,
-    settings: Settings,
+    target: Target,
     prepared: Prepared,
     *,
     clock: Optional[Clock] = None,
@@ -260,19 +245,19 @@ def post_with_retry(
     an app that cannot be reached at all (connection refused, a name that does not resolve) is
     not retried: import's first messages say at once that the app is not running.
     """
-    refusal = _cannot_carry(settings, prepared)
+    refusal = _cannot_carry(target, prepared)
     if refusal is not None:
         return refusal
     clock = clock or Clock()
     backoff = backoff or Backoff()
     started = clock.now()
-    deadline = started + settings.retry_for
+    deadline = started + target.retry_for
     attempt = 0
     while True:
         attempt += 1
         if pacer is not None:
             deadline += pacer.before()
-        outcome = post_once(session, settings, prepared)
+        outcome = post_once(session, target, prepared)
         if pacer is not None:
             pacer.after(outcome)
         if outcome.delivered or not outcome.reason.retry:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from mailbox_relay.endpoint import RELAY_PATH
+from mailbox_relay.ingress.endpoint import RELAY_PATH
 
 BASE = "/rails/action_mailbox"
 PROBE_MESSAGE = "mailbox-relay check: not a message, so nothing is stored"
@@ -47,6 +47,10 @@ class Ingress:
         self.basic_auth = basic_auth  # HTTP Basic (user actionmailbox); else an HMAC signature
         self.probe_status = probe_status  # the answer that proves route, secret and ingress
         self.probe = probe  # what check's probe is, in words
+
+    def __reduce__(self) -> Tuple[Any, Tuple[str]]:
+        # A row of INGRESSES stays that very row in a worker process (`ingress is RELAY`).
+        return (_row, (self.name,))
 
     @property
     def carries_any_bytes(self) -> bool:
@@ -104,6 +108,10 @@ INGRESSES: Dict[str, Ingress] = {
     ),
 }
 RELAY = INGRESSES["relay"]
+
+
+def _row(name: str) -> Ingress:
+    return INGRESSES[name]
 
 
 def ingress_of_path(path: str) -> Optional[Ingress]:

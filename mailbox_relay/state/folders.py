@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
+from mailbox_relay.backoff import doubling
 from mailbox_relay.settings import state_home
 from mailbox_relay.state import store
 from mailbox_relay.state.store import StateProblem, problem
@@ -113,7 +114,7 @@ class FolderState:
 
 
 def retry_delay(tries: int) -> float:
-    return float(min(RETRY_CAP, RETRY_FIRST * 2 ** (tries - 1)))
+    return doubling(tries, RETRY_FIRST, RETRY_CAP)
 
 
 class FetchState:
