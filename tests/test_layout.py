@@ -102,3 +102,33 @@ def test_imports_run_one_way_settings_below_ingress_and_ingress_below_cli() -> N
         assert graph[module] & cli == set(), module
     # outcome is the bottom: the exit codes and kinds every layer reads, importing nothing of ours
     assert graph["mailbox_relay.outcome"] == set()
+
+
+def calls_in(path: Path) -> Set[str]:
+    """Dotted names this file calls (`requests.post`, `sqlite3.connect`...)."""
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            value = node.func.value
+            if isinstance(value, ast.Name):
+                found.add(f"{value.id}.{node.func.attr}")
+    return found
+
+
+def callers_of(*names: str) -> Set[str]:
+    return {module_name(path) for path in PACKAGE.rglob("*.py") if calls_in(path) & set(names)}
+
+
+def test_every_http_request_goes_through_the_one_session_factory() -> None:
+    bare = ("requests.Session", "requests.post", "requests.get", "requests.request", "requests.put")
+    assert callers_of(*bare) == {"mailbox_relay.sessions"}
+
+
+def test_sqlite_is_opened_in_one_module() -> None:
+    assert callers_of("sqlite3.connect") == {"mailbox_relay.state.store"}
+
+
+def test_the_helpers_above_see_what_they_look_for(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("import requests\nrequests.post('u')\nimport sqlite3\nsqlite3.connect('x')\n")
+    assert calls_in(sample) == {"requests.post", "sqlite3.connect"}

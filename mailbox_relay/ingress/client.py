@@ -22,13 +22,14 @@ from mailbox_relay.ingress.target import Target
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Outcome, Reason
+from mailbox_relay.sessions import new_session
 from mailbox_relay.signals import DeadlinePassed, deadline
 
 RELAY_USER = "actionmailbox"
 
 
 def make_session(target: Target, threaded: bool = False) -> requests.Session:
-    """The only way this tool gets an HTTP session: auth, type, agent, TLS, proxies.
+    """The ingress's session (sessions.new_session, plus its auth, type and TLS policy).
 
     `threaded`: for posts off the main thread, where SIGALRM cannot bound an attempt; its
     connections register their sockets with the thread's deadline (mailbox_relay.deadline),
@@ -37,19 +38,14 @@ def make_session(target: Target, threaded: bool = False) -> requests.Session:
     Redirects are refused per request (`allow_redirects=False` in `_post`, the only post):
     requests' `max_redirects = 0` would raise before we could read the Location.
     """
-    session = requests.Session()
+    session = new_session(target.url, target.user_agent, verify=target.tls.verify, threaded=threaded)
     if target.ingress_format.basic_auth:  # mailgun and mandrill sign each request instead
         # As bytes: requests would encode a str password as Latin-1 (and fail on "€"), while
         # Rails compares the UTF-8 bytes.
         session.auth = requests.auth.HTTPBasicAuth(RELAY_USER.encode(), target.secret.encode("utf-8"))
-    session.headers["User-Agent"] = target.user_agent
     session.headers["Content-Type"] = "message/rfc822"
-    # Read the environment (proxies, CA bundle) once here instead of on every post: requests
-    # scans os.environ twice per request otherwise, a quarter of an import's CPU. It also keeps
-    # ~/.netrc from replacing the ingress credentials.
-    session.trust_env = False
-    session.proxies.update(requests.utils.get_environ_proxies(target.url))
-    session.verify = target.tls.verify
+    # The environment (proxies, CA bundle) is read once, in new_session, instead of on every
+    # post: requests scans os.environ twice per request otherwise, a quarter of an import's CPU.
     if target.tls.insecure:
         # The user opted out of verification explicitly; urllib3's per-request warning on stderr
         # would make getmail and Exim treat every delivery as failed.
@@ -58,10 +54,6 @@ def make_session(target: Target, threaded: bool = False) -> requests.Session:
         from urllib3.exceptions import InsecureRequestWarning
 
         warnings.simplefilter("ignore", InsecureRequestWarning)
-    if threaded:
-        from mailbox_relay.deadline import guarded
-
-        guarded(session)
     return session
 
 

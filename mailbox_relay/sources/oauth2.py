@@ -233,21 +233,14 @@ def _jwt_expiry(access: str) -> Optional[float]:
 
 
 def _session(url: str) -> requests.Session:
-    """The only way OAuth2 gets an HTTP session: our User-Agent, JSON answers, proxies and CA
-    bundle from the environment read once, but never ~/.netrc (trust_env off), and its
-    connections bounded by the thread's deadline (mailbox_relay.deadline) in any thread."""
-    import requests
-
+    """OAuth2's session (sessions.new_session): JSON answers, and its connections bounded by
+    the thread's deadline in any thread."""
     from mailbox_relay import __version__
-    from mailbox_relay.deadline import guarded
+    from mailbox_relay.sessions import new_session
 
-    session = requests.Session()
-    session.trust_env = False
-    session.proxies.update(requests.utils.get_environ_proxies(url))
-    session.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-    session.headers["User-Agent"] = f"mailbox-relay/{__version__}"
+    session = new_session(url, f"mailbox-relay/{__version__}", threaded=True)
     session.headers["Accept"] = "application/json"
-    return guarded(session)
+    return session
 
 
 def _post(url: str, form: Dict[str, str], timeout: float) -> Tuple[int, Dict[str, Any]]:
