@@ -40,13 +40,21 @@ PRESETS: Dict[str, Tuple[str, int, str]] = {
     "google": ("imap.gmail.com", 993, "implicit"),
     "microsoft": ("outlook.office365.com", 993, "implicit"),
 }
+# ... and their POP3 (source = "pop3"): implicit TLS on 995.
+POP3_PRESETS: Dict[str, Tuple[str, int, str]] = {
+    "gmail": ("pop.gmail.com", 995, "implicit"),
+    "google": ("pop.gmail.com", 995, "implicit"),
+    "microsoft": ("outlook.office365.com", 995, "implicit"),
+}
 TLS_MODES = ("implicit", "starttls", "none")
 AFTER_MODES = ("keep", "seen", "delete", "move:FOLDER")
 PASSWORD_COMMAND_SECONDS = 30.0
 AUTH_MODES = ("password", "xoauth2")
-# Which source module reads an account. pop3 and graph are reserved for the sources to come.
+# Which source module reads an account. graph is reserved for the source to come.
 SOURCES = ("imap", "pop3", "graph")
-SUPPORTED_SOURCES = ("imap",)
+SUPPORTED_SOURCES = ("imap", "pop3")
+POP3_AFTER = ("keep", "delete")  # POP3 has no flags and no folders: no seen, no move
+POP3_FOLDER = "INBOX"  # POP3's one maildrop, by the name the state keeps it under
 ACCOUNT = "account"  # the Field group of account keys: no option, no environment name
 
 
@@ -210,6 +218,24 @@ def _command(value: Any, where: str) -> str:
     return text
 
 
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def _age(value: Any, where: str) -> float:
+    """A duration as seconds: "30d", "12h", "90m", "45s", or a number of days (getmail's
+    delete_after counts days)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value * _UNITS["d"]
+    text = parse_str(value, where).strip()
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        if unit in _UNITS and float(number) >= 0:
+            return float(number) * _UNITS[unit]
+    except ValueError:
+        pass
+    raise ConfigError(f'{where} must be a duration such as "30d", "12h" or "90m", not {value!r}')
+
+
 def _poll(value: Any, where: str) -> float:
     seconds = parse_seconds(value, where)
     if seconds < 1:
@@ -231,7 +257,8 @@ class Account(Resolved):
     source: Field[str] = _field(
         parse_choice(*SOURCES),
         "imap",
-        "Which source reads the account: imap (pop3 and graph are reserved for sources to come).",
+        "Which source reads the account: imap, or pop3 (one maildrop, kept under the folder name "
+        "INBOX; graph is reserved for a source to come).",
     )
     provider: Field[Optional[str]] = _field(
         parse_choice(*PRESETS),
@@ -318,6 +345,12 @@ class Account(Resolved):
         "new",
         "The first pass: new (only mail that arrives from then on), all, or a date such as "
         "2024-01-31 (mail on or after it).",
+    )
+    delete_after: Field[Optional[float]] = _field(
+        _age,
+        None,
+        'pop3, with after = "keep": delete what was delivered longer ago than this ("30d", "12h"; '
+        "getmail's delete_after).",
     )
     envelope_recipient: Field[Tuple[str, ...]] = _field(
         parse_recipients, (), "Add X-Original-To: ADDR to each message, as deliver's option does."
@@ -419,6 +452,10 @@ def parse_account(name: str, table: Any, path: str, token_dir: str = "") -> Acco
             f"{where}: source = {values['source']} is not supported yet; "
             f"only {', '.join(SUPPORTED_SOURCES)} is"
         )
+    if values["source"] == "pop3":
+        _pop3(values, table, where)
+    elif values["delete_after"] is not None:
+        raise ConfigError(f'{where}: delete_after applies to POP3 accounts only (source = "pop3")')
     _server(values, sources, where)
     if values["username"] is None:
         raise ConfigError(f"{where} has no username")
@@ -442,7 +479,7 @@ def _oauth2(values: Mapping[str, Any], name: str, where: str, token_dir: str) ->
         token_url=values["oauth2_token_url"] or (preset.token_url if preset else ""),
         authorize_url=values["oauth2_authorize_url"] or (preset.authorize_url if preset else ""),
         device_url=values["oauth2_device_url"] or (preset.device_url if preset else ""),
-        scopes=values["oauth2_scopes"] or (preset.scopes if preset else ()),
+        scopes=values["oauth2_scopes"] or _preset_scopes(preset, values["source"]),
         authorize_extra=preset.authorize_extra if preset else (),
     )
     command, client_id = values["oauth2_token_command"], values["oauth2_client_id"]
@@ -457,10 +494,44 @@ def _oauth2(values: Mapping[str, Any], name: str, where: str, token_dir: str) ->
     return OAuth2(provider, client_id or "", values["oauth2_client_secret_file"], command, token_file)
 
 
+def _pop3(values: Dict[str, Any], table: Mapping[str, Any], where: str) -> None:
+    """What POP3 cannot do is said at load time, not at the first message: one maildrop (no
+    folders), no flags (after = keep or delete), no dates to search (start = new or all)."""
+    if "folders" in table and values["folders"] != (POP3_FOLDER,):
+        raise ConfigError(
+            f'{where}: POP3 has one maildrop and no folders: remove folders (or set ["{POP3_FOLDER}"])'
+        )
+    if values["after"].action not in POP3_AFTER:
+        raise ConfigError(
+            f'{where}: after = "{values["after"]}" is not possible over POP3: use "keep" or "delete"'
+        )
+    if values["start"] not in ("new", "all"):
+        raise ConfigError(
+            f'{where}: POP3 cannot search by date: start must be "new" or "all" for source = "pop3"'
+        )
+    if values["delete_after"] is not None and values["after"].action == "delete":
+        raise ConfigError(
+            f'{where}: delete_after keeps mail on the server for a while: set after = "keep" with it '
+            '(after = "delete" deletes at once)'
+        )
+
+
+def _preset_scopes(preset: Optional[OAuth2Provider], source: str) -> Tuple[str, ...]:
+    """The preset's scopes; Microsoft grants POP3 under its own scope, not IMAP's."""
+    if preset is None:
+        return ()
+    if source == "pop3":
+        return tuple(
+            scope.replace("/IMAP.AccessAsUser.All", "/POP.AccessAsUser.All") for scope in preset.scopes
+        )
+    return preset.scopes
+
+
 def _server(values: Dict[str, Any], sources: Dict[str, str], where: str) -> None:
     """host, port and tls: the preset's, each overridable; without a preset, host is required."""
     provider = values["provider"] or ""
-    preset_host, preset_port, preset_tls = PRESETS.get(provider, ("", 0, "implicit"))
+    presets = POP3_PRESETS if values["source"] == "pop3" else PRESETS
+    preset_host, preset_port, preset_tls = presets.get(provider, ("", 0, "implicit"))
     preset = f"preset {provider}" if provider else "default"
     if not values["host"]:
         if not preset_host:
@@ -469,7 +540,10 @@ def _server(values: Dict[str, Any], sources: Dict[str, str], where: str) -> None
     if not values["tls"]:
         values["tls"], sources["tls"] = preset_tls, preset
     if not values["port"]:
-        port = preset_port or (993 if values["tls"] == "implicit" else 143)
+        pop3 = values["source"] == "pop3"
+        port = preset_port or (
+            (995 if pop3 else 993) if values["tls"] == "implicit" else (110 if pop3 else 143)
+        )
         values["port"], sources["port"] = port, preset if preset_port else "default"
     if values["tls"] == "none" and not is_loopback(values["host"]):
         # The IMAP password would cross the network in clear.

@@ -163,6 +163,8 @@ def _check_account(
     report: Report, account: Account, synced: FrozenSet[Tuple[str, str]] = frozenset()
 ) -> bool:
     """DNS, TCP, TLS, login, capabilities, then each folder EXAMINEd: read-only, changes nothing."""
+    if account.source == "pop3":
+        return _check_pop3_account(report, account, synced)
     from mailbox_relay.sources.imap import ImapProblem, capabilities, close, login, open_connection
 
     if not _resolve(report, account.host, account.port, "imap dns"):
@@ -206,6 +208,70 @@ def _check_account(
         return False
     finally:
         close(client)
+
+
+def _check_pop3_account(report: Report, account: Account, synced: Synced) -> bool:
+    """DNS, TCP, TLS, login, UIDL (or the header digests it falls back to), the message count
+    and what the first pass leaves alone. Read-only: no DELE, so the QUIT changes nothing."""
+    from mailbox_relay.accounts import POP3_FOLDER
+    from mailbox_relay.sources.mailbox import SourceProblem
+    from mailbox_relay.sources.pop3 import Pop3Source, close, login, open_session
+
+    if not _resolve(report, account.host, account.port, "pop3 dns"):
+        return False
+    probe = _connect(report, account.host, account.port, account.timeout, "pop3 tcp")
+    if probe is None:
+        return False
+    probe.close()
+    if account.oauth2 is not None and not _oauth2_token(report, account):
+        return False
+    step = "pop3 tls"
+    try:
+        session = open_session(account)
+    except SourceProblem as problem:
+        report.failed(f"pop3 {problem.kind}", problem.line, Exit.UNAVAILABLE)
+        return False
+    except ConfigError as error:
+        report.failed(step, error.outcome.detail, Exit.CONFIG)
+        return False
+    try:
+        report.passed(
+            step, _imap_tls(session.client, account) if account.tls == "none" else _pop3_tls(session)
+        )
+        step = "pop3 login"
+        login(session, account)
+        report.passed(
+            step, f"{account.username} logged in ({'AUTH XOAUTH2' if account.oauth2 else 'USER/PASS'})"
+        )
+        step = "maildrop"
+        source = Pop3Source(session, account)
+        opened = source.open(POP3_FOLDER)
+        source.listing(None, None)
+        why = session.uidl_problem
+        keys = "UIDL" if why is None else f"a digest of each message's headers, since {why}"
+        report.passed("uidl", f"messages are told apart by {keys}")
+        first = (account.name, POP3_FOLDER) not in synced and account.start == "new" and opened.exists
+        note = (
+            f"; the first fetch or watch: {_left_alone_line(opened.exists, account.start)}" if first else ""
+        )
+        report.passed(step, f"{opened.exists} messages{note}")
+        return True
+    except SourceProblem as problem:
+        report.failed(f"pop3 {problem.kind}", problem.line, _trouble_code(problem.kind))
+        return False
+    except SecretCommandFailed as error:
+        report.failed(step, error.outcome.detail, Exit.UNAVAILABLE)
+        return False
+    except ConfigError as error:  # the password file
+        report.failed(step, error.outcome.detail, Exit.CONFIG)
+        return False
+    finally:
+        close(session)
+
+
+def _pop3_tls(session: Any) -> str:
+    sock = session.client.sock
+    return f"{sock.version()} ({session.account.tls}), certificate verified"
 
 
 def _oauth2_token(report: Report, account: Account) -> bool:

@@ -259,6 +259,10 @@ class FaultProxy(threading.Thread):
         self.trickle: Optional[Tuple[bytes, float]] = None
         self.trickling: Set[socket.socket] = set()  # client sides whose answers trickle
         self.triggered: List[bytes] = []  # the client lines that started a trickle
+        # A client line containing this is never forwarded: both sides are reset instead (a
+        # connection lost just before POP3's QUIT, whose DELEs the server then never applies).
+        self.cut_before: Optional[bytes] = None
+        self.cuts = 0
         self._closed = threading.Event()
         self._lock = threading.Lock()
 
@@ -301,6 +305,10 @@ class FaultProxy(threading.Thread):
                     if from_server:
                         for word in self.hide:
                             data = data.replace(word, b"")
+                    elif self.cut_before is not None and self.cut_before in data:
+                        self.cuts += 1
+                        self.rst()
+                        return
                     else:
                         self._maybe_trickle(source, data)
                     if from_server and target in self.trickling:

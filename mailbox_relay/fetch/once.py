@@ -161,6 +161,8 @@ class FetchSummary:
             ]
             if result.waiting:
                 counts.append(f"{result.waiting} waiting to be tried again")
+            if result.removed:
+                counts.append(f"{result.removed} delivered earlier deleted from the server")
             yield f"{result.account}/{result.folder}: {', '.join(counts)}"
             if result.left_alone:
                 yield f"  {left_alone_line(result.left_alone, result.start)}"

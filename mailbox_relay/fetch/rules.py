@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
-from mailbox_relay.accounts import Account
+from mailbox_relay.accounts import Account, After
 from mailbox_relay.log import Log, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, prepare
@@ -56,6 +56,7 @@ class FolderResult:
     failed: int = 0
     quarantined: int = 0
     gone: int = 0  # expunged by someone else before we got to it
+    removed: int = 0  # delivered in an earlier pass, deleted from the server in this one (linger)
     waiting: int = 0  # failed earlier, not yet due for another try
     paused: Optional[str] = None  # the answer that stopped the pass
     left_alone: int = 0  # there before the first sync and not wanted (start = new or a date)
@@ -120,8 +121,13 @@ class FolderSync:
         listing = source.listing(known.cursor, since, known.since_through if since else None)
         if listing.present is not None:
             state.prune(account, name, opened.epoch, listing.present)
+        self._delete_lingering(source, name, opened.epoch, listing, result)
         recorded = state.recorded(account, name, opened.epoch)
         new = [key for key in listing.keys if key not in recorded]
+        if first_sight and self.account.start == "new" and listing.remember:
+            # No cursor can say "everything there now is old" (POP3): each key is recorded instead.
+            state.left_alone(account, name, opened.epoch, new)
+            new = []
         if first_sight and self.account.start != "all":
             result.left_alone = max(0, opened.exists - len(new))
             if result.left_alone:
@@ -136,6 +142,23 @@ class FolderSync:
             state.advance(account, name, listing.final)  # the whole listing is handled
         state.synced(account, name, complete=not stopped_early)
         result.waiting = state.waiting(account, name)
+
+    def _delete_lingering(
+        self, source: Source, name: str, epoch: str, listing: Listing, result: FolderResult
+    ) -> None:
+        """Delivered messages still on the server past `listing.linger` are deleted now, and
+        nothing is posted again: a POP3 DELE lost with its connection, or delete_after's age."""
+        if listing.linger is None or listing.present is None or not listing.remember:
+            return
+        cutoff = time.time() - listing.linger
+        stale = self.state.delivered_before(self.account.name, name, epoch, cutoff) & listing.present
+        if not stale:
+            return
+        keys = [key for key in listing.keys if key in stale]
+        source.acknowledge(keys, After("delete"))
+        result.removed = len(keys)
+        why = "delivered earlier" if listing.linger == 0 else "delivered longer ago than delete_after"
+        self.events(f"{self.account.name}/{name}: deleting {len(keys)} messages {why}")
 
     def _known(self, opened: Opened, name: str) -> FolderState:
         """The folder's state; set up on first sight (per `start`) or in a new epoch."""

@@ -8,7 +8,7 @@ how "new" is known, and it travels as opaque text:
 | source | epoch        | keys            | cursor                          | delivered keys recorded |
 |--------|--------------|-----------------|---------------------------------|-------------------------|
 | IMAP   | UIDVALIDITY  | UIDs            | the last handled UID            | no: the cursor suffices |
-| POP3   | ""           | UIDLs           | none                            | yes (pruned to the server's) |
+| POP3   | ""           | UIDLs (or a digest of the headers) | none         | yes (pruned to the server's) |
 | Graph  | ""           | immutable ids   | the delta link, once all handled | yes (a resync re-lists) |
 
 Keys mean something only within an epoch: a new epoch makes every key new. The state store
@@ -60,6 +60,11 @@ class Listing:
     final: Optional[str] = None  # cursor once every key is handled (also when there is none)
     remember: bool = False  # record each delivered key: the cursor alone cannot tell it was delivered
     present: Optional[FrozenSet[Key]] = None  # every key on the server: records of the others may go
+    # With `remember` and `present`: seconds a delivered key may stay on the server before the
+    # pass deletes it (acknowledge with after = delete); None: never. POP3 applies DELE only at
+    # a clean QUIT, so after = delete says 0 (a DELE lost with its connection is sent again,
+    # nothing is posted again), and delete_after = "30d" says 30 days.
+    linger: Optional[float] = None
 
 
 if TYPE_CHECKING:

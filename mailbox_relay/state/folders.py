@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS messages (
     folder TEXT NOT NULL,
     epoch TEXT NOT NULL,
     key TEXT NOT NULL,
-    status TEXT NOT NULL,       -- retry | quarantined | invalid | delivered
+    status TEXT NOT NULL,       -- retry | quarantined | invalid | delivered | left (start = new)
     tries INTEGER NOT NULL,
     first_failed REAL NOT NULL,
     next_try REAL,
@@ -384,18 +384,39 @@ class FetchState:
         return {str(row[0]) for row in rows}
 
     def prune(self, account: str, folder: str, epoch: str, present: FrozenSet[str]) -> None:
-        """Forget delivered keys the server no longer has (POP3: the set would grow forever)."""
+        """Forget delivered (and left alone) keys the server no longer has (POP3: the set would
+        grow forever)."""
         gone = [key for key in self.recorded(account, folder, epoch) if key not in present]
         with self._transaction():
             for key in gone:
                 self._run(
                     "DELETE FROM messages WHERE account=? AND folder=? AND epoch=? AND key=? "
-                    "AND status='delivered'",
+                    "AND status IN ('delivered', 'left')",
                     account,
                     folder,
                     epoch,
                     key,
                 )
+
+    def left_alone(self, account: str, folder: str, epoch: str, keys: Sequence[str]) -> None:
+        """Keys there at first sight that start = "new" leaves alone, for a source without a
+        cursor (POP3): recorded, so they are never new; pruned like delivered ones."""
+        with self._transaction():
+            for key in keys:
+                self._record(account, folder, epoch, key, "left", 'left alone (start = "new")', None)
+
+    def delivered_before(self, account: str, folder: str, epoch: str, when: float) -> Set[str]:
+        """Keys recorded as delivered at or before `when` (time.time()): a delivered row's
+        first_failed holds when it was delivered."""
+        rows = self._run(
+            "SELECT key FROM messages WHERE account=? AND folder=? AND epoch=? AND status='delivered' "
+            "AND first_failed<=?",
+            account,
+            folder,
+            epoch,
+            when,
+        )
+        return {str(row[0]) for row in rows}
 
     def due(self, account: str, folder: str, epoch: str, now: Optional[float] = None) -> List[str]:
         """Failed messages whose next try has come, the oldest failure first."""

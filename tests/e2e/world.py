@@ -78,6 +78,7 @@ class Dovecot:
         self.root = root
         self.introspection_url = introspection_url
         self.port = free_port()
+        self.pop3_port = free_port()  # the same mailboxes over POP3 (dovecot-pop3d)
         self.passwd = root / "passwd"
         self.users = 0
         self.process: Optional[subprocess.Popen[bytes]] = None
@@ -92,7 +93,7 @@ class Dovecot:
         # within the same second may not be seen.
         self.passwd.write_text("".join(f"user{n}:{{PLAIN}}secret-user{n}\n" for n in range(1, 101)))
         config = self.root / "dovecot.conf"
-        text = _DOVECOT_CONF.format(root=self.root, port=self.port, user=MAIL_USER)
+        text = _DOVECOT_CONF.format(root=self.root, port=self.port, pop3_port=self.pop3_port, user=MAIL_USER)
         if self.introspection_url:
             oauth2 = self.root / "oauth2.conf.ext"
             oauth2.write_text(_OAUTH2_CONF.format(url=self.introspection_url))
@@ -134,7 +135,7 @@ class Dovecot:
 
 
 _DOVECOT_CONF = """
-protocols = imap
+protocols = imap pop3
 listen = 127.0.0.1
 base_dir = {root}/run
 instance_name = mailbox-relay-e2e-{port}
@@ -162,6 +163,10 @@ service imap-login {{
 }}
 service pop3-login {{
   inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
     port = 0
   }}
 }}
