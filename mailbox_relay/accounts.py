@@ -267,10 +267,16 @@ class Account(Resolved):
         "microsoft.",
     )
     host: Field[str] = _field(
-        parse_str, None, "The IMAP server (required without a provider).", shown_default="the provider's"
+        parse_str,
+        None,
+        "The IMAP (or POP3) server (required without a provider).",
+        shown_default="the provider's",
     )
     port: Field[int] = _field(
-        _port, None, "The IMAP port.", shown_default="the provider's, else 993 (implicit TLS) or 143"
+        _port,
+        None,
+        "The server's port.",
+        shown_default="the provider's, else 993 (implicit TLS) or 143; POP3: 995 or 110",
     )
     tls: Field[str] = _field(
         parse_choice(*TLS_MODES),

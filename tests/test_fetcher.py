@@ -173,3 +173,77 @@ def test_a_server_that_hangs_up_at_login_is_one_line_and_exit_75(tmp_path: Path)
     code, out, _ = invoke(["check", "--account", "box", "--config", str(config)])
     assert code == 69 and "✗ imap network: connection to 127.0.0.1 lost at login" in out, out
     listener.close()
+
+
+class MemoryMaildrop(MemoryFolder):
+    """A folder as a POP3-like source shows it: no cursor, every key listed, delivered keys
+    remembered, and DELE that takes effect only at `quit()` (a lost connection loses them)."""
+
+    key_label = "UIDL"
+
+    def __init__(self, messages: Dict[int, bytes], linger: Optional[float]) -> None:
+        super().__init__(messages)
+        self.linger = linger
+        self.marked: List[int] = []
+
+    def open(self, name: str) -> Opened:
+        return Opened("", len(self.messages), None)
+
+    def listing(
+        self, cursor: Optional[str], since: Optional[datetime.date], through: Optional[str] = None
+    ) -> Listing:
+        keys = [str(uid) for uid in sorted(self.messages)]
+        return Listing(keys, remember=True, present=frozenset(keys), linger=self.linger)
+
+    def acknowledge(self, keys: Sequence[str], after: After) -> None:
+        super().acknowledge(keys, after)
+        if after.action == "delete":
+            self.marked += [int(key) for key in keys]
+
+    def quit(self) -> None:
+        for uid in self.marked:
+            self.messages.pop(uid, None)
+        self.marked = []
+
+
+def pop3_sync(state: FetchState, ingress: Ingress, **account: str) -> FolderSync:
+    table = {"host": "h", "username": "u", "password": "p", "source": "pop3", "start": "all", **account}
+    return FolderSync(parse_account("box", table, "c"), state, ingress)  # type: ignore[arg-type]
+
+
+def test_a_delivered_message_still_on_the_server_is_deleted_without_posting_it_again(
+    state: FetchState,
+) -> None:
+    drop = MemoryMaildrop({1: raw(1), 2: raw(2)}, linger=0.0)
+    ingress = Ingress()
+    first = pop3_sync(state, ingress, after="delete").run(drop, "INBOX")
+    assert first.delivered == 2 and drop.marked == [1, 2]
+    drop.marked = []  # the connection dropped before QUIT: nothing was deleted
+    drop.messages[3] = raw(3)
+    second = pop3_sync(state, ingress, after="delete").run(drop, "INBOX")
+    assert ingress.posted == [1, 2, 3]  # 1 and 2 are not posted again
+    assert second.removed == 2 and drop.marked == [1, 2, 3]
+    drop.quit()
+    third = pop3_sync(state, ingress, after="delete").run(drop, "INBOX")
+    assert (third.found, third.removed, drop.messages) == (0, 0, {})
+    assert state.recorded("box", "INBOX", "") == set()  # pruned to what the server has
+
+
+def test_linger_deletes_only_what_was_delivered_long_enough_ago(state: FetchState) -> None:
+    drop = MemoryMaildrop({1: raw(1)}, linger=3600.0)
+    ingress = Ingress()
+    sync(state, ingress).run(drop, "INBOX")
+    assert sync(state, ingress).run(drop, "INBOX").removed == 0 and drop.marked == []
+    state._run("UPDATE messages SET first_failed = first_failed - 7200")
+    assert sync(state, ingress).run(drop, "INBOX").removed == 1 and drop.marked == [1]
+    assert ingress.posted == [1]
+
+
+def test_start_new_without_a_cursor_records_what_was_there_as_left_alone(state: FetchState) -> None:
+    drop = MemoryMaildrop({1: raw(1), 2: raw(2)}, linger=None)
+    ingress = Ingress()
+    first = pop3_sync(state, ingress, start="new").run(drop, "INBOX")
+    assert (first.left_alone, first.found, ingress.posted) == (2, 0, [])
+    drop.messages[3] = raw(3)
+    pop3_sync(state, ingress, start="new").run(drop, "INBOX")
+    assert ingress.posted == [3]
