@@ -282,6 +282,13 @@ SERVE_EXITS: ExitMap = (
     (Exit.UNAVAILABLE, "cannot listen on --host/--port"),
     USAGE_ROW,
 )
+MIGRATE_EXITS: ExitMap = (
+    (Exit.OK, "the accounts are printed (what has no equivalent is said in comments)"),
+    (Exit.NOINPUT, "a file cannot be read"),
+    (Exit.DATAERR, "a file cannot be understood, or holds nothing to move (the line says why)"),
+    (Exit.CANTCREAT, "--save-passwords could not write a password file"),
+    USAGE_ROW,
+)
 # deliver (and mailbox-relay itself) answer MTAs: each kind of outcome in both conventions.
 DELIVER_EXITS: Tuple[Tuple[Kind, str, str], ...] = (
     (Kind.DELIVERED, "delivered (2xx)", ""),
@@ -296,4 +303,5 @@ EXIT_MAPS: Dict[str, ExitMap] = {
     "status": STATUS_EXITS,
     "auth": AUTH_EXITS,
     "serve": SERVE_EXITS,
+    "migrate": MIGRATE_EXITS,
 }

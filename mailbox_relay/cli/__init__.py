@@ -44,11 +44,12 @@ COMMANDS: Dict[str, str] = {
     "status": "mailbox_relay.cli.fetch:status",
     "auth": "mailbox_relay.cli.auth:auth",
     "serve": "mailbox_relay.cli.serve:serve",
+    "migrate": "mailbox_relay.cli.migrate:migrate",
 }
 
 # Commands that people run, never an MTA: their usage errors exit 64 (EX_USAGE). Anything else
 # (deliver, a missing or unknown command) may be an MTA's pipe, where 64 bounces: it exits 75.
-FOR_PEOPLE = frozenset({"import", "check", "fetch", "watch", "status", "auth", "serve"})
+FOR_PEOPLE = frozenset({"import", "check", "fetch", "watch", "status", "auth", "serve", "migrate"})
 
 
 class LazyGroup(click.Group):

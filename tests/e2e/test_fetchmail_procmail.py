@@ -11,13 +11,9 @@ from typing import Dict
 from .world import ROOT, Dovecot, RailsApp, ensure_user, message, need
 
 
-def test_fetchmail_passes_the_envelope_recipient_that_rails_routes_on(
-    tmp_path: Path, dovecot: Dovecot, rails: RailsApp, relay: str, relay_env: Dict[str, str]
-) -> None:
-    need("fetchmail")
-    user = dovecot.new_user()
-    dovecot.append(user, [message("to a list", to="list@example.com")])
-    rc = tmp_path / "fetchmailrc"
+def fetchmailrc(directory: Path, dovecot: Dovecot, user: str, relay: str) -> Path:
+    """A single-drop poll whose mda passes %T (the address after `is`) as the envelope recipient."""
+    rc = directory / "fetchmailrc"
     rc.write_text(
         "set no syslog\n"
         f"poll 127.0.0.1 protocol imap port {dovecot.port} auth password\n"
@@ -26,6 +22,16 @@ def test_fetchmail_passes_the_envelope_recipient_that_rails_routes_on(
         f'  mda "{relay} deliver --envelope-recipient %T"\n'
     )
     rc.chmod(0o600)
+    return rc
+
+
+def test_fetchmail_passes_the_envelope_recipient_that_rails_routes_on(
+    tmp_path: Path, dovecot: Dovecot, rails: RailsApp, relay: str, relay_env: Dict[str, str]
+) -> None:
+    need("fetchmail")
+    user = dovecot.new_user()
+    dovecot.append(user, [message("to a list", to="list@example.com")])
+    rc = fetchmailrc(tmp_path, dovecot, user, relay)
     env = {**relay_env, "FETCHMAILHOME": str(tmp_path)}
     result = subprocess.run(
         ["fetchmail", "-f", str(rc), "--pidfile", str(tmp_path / "pid")],
