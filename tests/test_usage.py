@@ -25,6 +25,7 @@ PEOPLE = {
     "status": ["status", "--jsn"],
     "auth": ["auth"],
     "serve": ["serve", "--port", "http"],
+    "migrate": ["migrate", "procmailrc", "x"],
 }
 
 
