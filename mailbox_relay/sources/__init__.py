@@ -1,5 +1,5 @@
 """Where messages come from: files (mbox, Maildir, .eml) for import, and the mailbox sources
-fetch and watch read, each one module behind the protocol in mailbox.py (IMAP today).
+fetch and watch read, each one module behind the protocol in mailbox.py (IMAP, Graph).
 
 A new source is one module with a `connect_source(account)` and one line in `connect` below.
 """
@@ -22,4 +22,8 @@ def connect(account: Account) -> Source:
         from mailbox_relay.sources.imap import connect_source
 
         return connect_source(account)
+    if kind == "graph":
+        from mailbox_relay.sources.graph import connect_source as connect_graph
+
+        return connect_graph(account)
     raise SourceProblem("protocol", f"account {account.name}: source {kind!r} is not supported yet")
