@@ -242,7 +242,7 @@ def test_a_wrong_secret_names_aadsts7000215_and_what_it_means(world: World) -> N
     assert code == 78, out + err
     assert "AADSTS7000215" in out + err and "not its Secret ID" in out + err
     code, out, err = world.fetch()
-    assert code != 0 and "AADSTS7000215" in err
+    assert code == 75 and "AADSTS7000215" in err
     assert world.graph.requests == []  # no Graph request without a token
 
 
