@@ -28,6 +28,7 @@ import email.utils
 import json
 import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -90,6 +91,7 @@ class LocalGraph(threading.Thread):
         self.restricted: Set[str] = set()  # mailboxes an application access policy excludes
         self.mailboxes: Dict[str, Mailbox] = {}
         self.messages: Dict[str, Message] = {}  # by immutable id
+        self.regular: Dict[str, str] = {}  # every regular id a message had -> its immutable id
         self.tokens: Dict[str, float] = {}  # access token -> expires at
         self.sync_states: Dict[str, Tuple[str, int, str]] = {}  # deltatoken -> folder, generation, changeType
         self.skip_states: Dict[str, Dict[str, Any]] = {}  # skiptoken -> the round in progress
@@ -154,6 +156,7 @@ class LocalGraph(threading.Thread):
             )
             message.modified = stamp
             self.messages[message.immutable] = message
+            self.regular[message.regular] = message.immutable
             self._log(target, "created", message.immutable)
             return message
 
@@ -221,16 +224,17 @@ class LocalGraph(threading.Thread):
         self._log(self._folder_of(message), "removed", message.immutable)
         message.folder = target.id
         message.regular = _id("AAMkAGI2T")  # a move changes the regular id
+        self.regular[message.regular] = message.immutable
         message.modified = _iso(time.time())
         self._log(target, "created", message.immutable)
 
     def _find(self, box: Mailbox, ident: str, immutable: bool) -> Optional[Message]:
-        for message in self.messages.values():
-            if message.deleted or message.folder not in box.folders:
-                continue
-            if (message.immutable if immutable else message.regular) == ident:
-                return message
-        return None
+        message = self.messages.get(ident) if immutable else self.messages.get(self.regular.get(ident, ""))
+        if message is None or message.deleted or message.folder not in box.folders:
+            return None
+        if not immutable and message.regular != ident:  # an old regular id: moved since
+            return None
+        return message
 
     def render(self, message: Message) -> bytes:
         """The MIME, rebuilt on each download as Exchange does: the Message-ID stays, but the
@@ -517,6 +521,10 @@ class LocalGraph(threading.Thread):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()  # headers and body go out as two writes: no Nagle stall between them
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _body(self) -> bytes:
                 length = int(self.headers.get("Content-Length") or 0)

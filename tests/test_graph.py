@@ -290,3 +290,60 @@ def test_check_says_mail_read_cannot_acknowledge(world: World) -> None:
     code, out, err = world.run("check", "--account", "box")
     assert code == 77, out + err
     assert "Mail.ReadWrite" in out and 'after = "keep"' in out
+
+
+# --- the account keys ------------------------------------------------------------------------
+
+
+def parse(**table: Any) -> Any:
+    from mailbox_relay.accounts import parse_account
+
+    return parse_account(
+        "box",
+        {key: value for key, value in {"username": BOX, **table}.items() if value is not None},
+        "c.toml",
+    )
+
+
+def parse_refused(**table: Any) -> str:
+    from mailbox_relay.outcome import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        parse(**table)
+    return caught.value.outcome.detail
+
+
+APP = {
+    "auth": "client_credentials",
+    "oauth2_client_id": "app",
+    "oauth2_tenant": "contoso.onmicrosoft.com",
+    "oauth2_client_secret_file": "/s",
+}
+
+
+def test_a_graph_account_has_graph_defaults() -> None:
+    box = parse(source="graph", **APP)
+    assert (box.host, box.port, box.tls) == ("graph.microsoft.com", 443, "implicit")
+    assert box.folders == ("inbox",) and box.poll_interval == 15
+    assert box.oauth2.provider.scopes == ("https://graph.microsoft.com/.default",)
+    assert box.oauth2.provider.token_url == (
+        "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+    )
+    imap = parse(provider="microsoft", **APP)
+    assert imap.oauth2.provider.scopes == ("https://outlook.office365.com/.default",)
+    assert imap.poll_interval == 60
+
+
+def test_app_only_settings_that_cannot_work_are_refused() -> None:
+    assert "signs in with OAuth2" in parse_refused(source="graph", password="pw")
+    assert "graph_url" in parse_refused(source="graph", host="h", **APP)
+    assert "needs oauth2_tenant" in parse_refused(provider="microsoft", **{**APP, "oauth2_tenant": None})
+    both = {**APP, "oauth2_certificate_file": "/c"}
+    assert "only one of them" in parse_refused(provider="microsoft", **both)
+    assert "signs in as an app" in parse_refused(provider="microsoft", password="pw", **APP)
+    assert "http:// only to a loopback host" in parse_refused(
+        source="graph", graph_url="http://graph.example/v1.0", **APP
+    )
+    assert "needs oauth2_service_account_file" in parse_refused(
+        provider="google", auth="google_service_account"
+    )
