@@ -49,12 +49,19 @@ POP3_PRESETS: Dict[str, Tuple[str, int, str]] = {
 TLS_MODES = ("implicit", "starttls", "none")
 AFTER_MODES = ("keep", "seen", "delete", "move:FOLDER")
 PASSWORD_COMMAND_SECONDS = 30.0
-AUTH_MODES = ("password", "xoauth2")
-# Which source module reads an account. graph is reserved for the source to come.
+AUTH_MODES = ("password", "xoauth2", "client_credentials", "google_service_account")
+# App-only sign-in (sources/apponly.py): no person, no grant file; a secret, a certificate or a
+# service-account key gets each token.
+APP_AUTH = ("client_credentials", "google_service_account")
+# Which source module reads an account.
 SOURCES = ("imap", "pop3", "graph")
-SUPPORTED_SOURCES = ("imap", "pop3")
+SUPPORTED_SOURCES = ("imap", "pop3", "graph")
 POP3_AFTER = ("keep", "delete")  # POP3 has no flags and no folders: no seen, no move
 POP3_FOLDER = "INBOX"  # POP3's one maildrop, by the name the state keeps it under
+GRAPH_URL = "https://graph.microsoft.com/v1.0"
+GRAPH_POLL = 15.0  # graph: seconds between delta rounds in watch, unless poll_interval says
+EXCHANGE_APP_SCOPE = "https://outlook.office365.com/.default"  # IMAP.AccessAsApp
+MICROSOFT_LOGIN = "https://login.microsoftonline.com"
 ACCOUNT = "account"  # the Field group of account keys: no option, no environment name
 
 
@@ -91,14 +98,25 @@ OAUTH2_PRESETS: Dict[str, OAuth2Provider] = {
 
 @dataclass(frozen=True)
 class OAuth2:
-    """How an `auth = "xoauth2"` account gets its access tokens: a token command, or our own
-    refresh with a grant that `mailbox-relay auth` stored in `token_file`."""
+    """How an OAuth2 account gets its access tokens: a token command, or our own refresh with a
+    grant that `mailbox-relay auth` stored in `token_file` (auth = "xoauth2"); or app-only
+    (`grant` client_credentials or google_service_account), asking anew with the app's own
+    credential: a secret, a certificate, a service-account key."""
 
     provider: OAuth2Provider
     client_id: str
     client_secret_file: Optional[str]
     token_command: Optional[str]
     token_file: str
+    grant: str = "refresh"  # refresh | client_credentials | google_service_account
+    certificate_file: Optional[str] = None  # client_credentials: PEM key and certificate
+    certificate_alg: str = "RS256"  # RS256 (header x5t) or PS256 (header x5t#S256)
+    service_account_file: Optional[str] = None  # google_service_account: the JSON key
+    subject: str = ""  # google_service_account: the mailbox the token is for
+
+    @property
+    def app_only(self) -> bool:
+        return self.grant != "refresh"
 
     def client_secret(self, account: str) -> Optional[str]:
         if self.client_secret_file is None:
@@ -107,6 +125,21 @@ class OAuth2:
         return read_password_file(self.client_secret_file, where)[0]
 
     def describe(self) -> str:
+        if self.grant == "google_service_account":
+            return (
+                f"auth google_service_account, key {self.service_account_file}, mailbox {self.subject}, "
+                f"scopes {' '.join(self.provider.scopes)}"
+            )
+        if self.grant == "client_credentials":
+            credential = (
+                f"certificate {self.certificate_file} ({self.certificate_alg})"
+                if self.certificate_file
+                else f"secret in {self.client_secret_file}"
+            )
+            return (
+                f"auth client_credentials, client {self.client_id} at {self.provider.token_url}, "
+                f"{credential}, scopes {' '.join(self.provider.scopes)}"
+            )
         if self.token_command is not None:
             return f"auth xoauth2, tokens from oauth2_token_command {self.token_command}"
         return (
@@ -257,8 +290,8 @@ class Account(Resolved):
     source: Field[str] = _field(
         parse_choice(*SOURCES),
         "imap",
-        "Which source reads the account: imap, or pop3 (one maildrop, kept under the folder name "
-        "INBOX; graph is reserved for a source to come).",
+        "Which source reads the account: imap; pop3 (one maildrop, kept under the folder name "
+        'INBOX); or graph (Microsoft Graph, with auth = "client_credentials").',
     )
     provider: Field[Optional[str]] = _field(
         parse_choice(*PRESETS),
@@ -305,7 +338,9 @@ class Account(Resolved):
     auth: Field[str] = _field(
         parse_choice(*AUTH_MODES),
         "password",
-        "How to log in: password (LOGIN), or xoauth2 (AUTHENTICATE XOAUTH2 with OAuth2 tokens).",
+        "How to log in: password (LOGIN), xoauth2 (AUTHENTICATE XOAUTH2 with OAuth2 tokens), "
+        "client_credentials (app-only: Microsoft Graph, or Exchange Online IMAP with IMAP.AccessAsApp), "
+        "or google_service_account (Gmail IMAP, domain-wide delegation, the username as subject).",
     )
     oauth2_client_id: Field[Optional[str]] = _field(
         parse_str, None, "xoauth2: the OAuth2 client (mailbox-relay refreshes the tokens itself)."
@@ -316,7 +351,34 @@ class Account(Resolved):
         "xoauth2: a file whose first line is the client secret, where the provider wants one.",
     )
     oauth2_token_url: Field[Optional[str]] = _field(
-        _oauth2_url, None, "xoauth2: the token endpoint (https://; the provider's preset otherwise)."
+        _oauth2_url,
+        None,
+        "xoauth2, client_credentials: the token endpoint (https://; the provider's preset, or "
+        "Microsoft's for oauth2_tenant, otherwise).",
+    )
+    oauth2_tenant: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "client_credentials: the Entra tenant (its id or a domain such as contoso.onmicrosoft.com); "
+        "the token endpoint is login.microsoftonline.com/TENANT/oauth2/v2.0/token.",
+    )
+    oauth2_certificate_file: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "client_credentials: a PEM file with the private key and the certificate uploaded to the app "
+        "registration; signs a client assertion instead of sending a secret.",
+    )
+    oauth2_certificate_alg: Field[str] = _field(
+        parse_choice("RS256", "PS256"),
+        "RS256",
+        "client_credentials: how the client assertion is signed: RS256 (with the certificate's SHA-1 "
+        "thumbprint, x5t) or PS256 (with its SHA-256 thumbprint, x5t#S256).",
+    )
+    oauth2_service_account_file: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "google_service_account: the service account's JSON key file (keep it 0600); the username is "
+        "the mailbox the token is for.",
     )
     oauth2_authorize_url: Field[Optional[str]] = _field(
         _oauth2_url, None, "xoauth2: the authorization endpoint of `auth`'s loopback flow."
@@ -362,7 +424,11 @@ class Account(Resolved):
         parse_recipients, (), "Add X-Original-To: ADDR to each message, as deliver's option does."
     )
     poll_interval: Field[float] = _field(
-        _poll, 60.0, "watch: seconds between polls where the server has no IDLE (at least 1)."
+        _poll,
+        None,
+        "watch: seconds between polls where the server has no IDLE, and between Graph's delta "
+        "rounds (at least 1).",
+        shown_default="60; 15 for graph",
     )
     idle_refresh: Field[float] = _field(
         _poll, 90.0, "watch: re-issue IDLE this often, which proves the connection alive (at least 1)."
@@ -372,6 +438,18 @@ class Account(Resolved):
         30.0,
         "Seconds that bound each whole IMAP command (connect and login included) and each whole "
         "OAuth2 token request, not each read (the top-level timeout bounds each post to the ingress).",
+    )
+    graph_url: Field[str] = _field(
+        _oauth2_url,
+        GRAPH_URL,
+        "graph: the Microsoft Graph endpoint (a national cloud's, e.g. https://graph.microsoft.us/v1.0).",
+    )
+    spool_dir: Field[Optional[str]] = _field(
+        parse_str,
+        None,
+        "graph: where each downloaded message waits (0700) until it is acknowledged, so every retry "
+        "posts the first download's bytes.",
+        shown_default="$XDG_STATE_HOME/mailbox-relay/spool/NAME",
     )
     ca_bundle: Field[Optional[str]] = _field(
         parse_str,
@@ -462,14 +540,21 @@ def parse_account(name: str, table: Any, path: str, token_dir: str = "") -> Acco
         _pop3(values, table, where)
     elif values["delete_after"] is not None:
         raise ConfigError(f'{where}: delete_after applies to POP3 accounts only (source = "pop3")')
+    if values["source"] == "graph":
+        _graph(values, sources, name, where)
+    if values["poll_interval"] is None:
+        values["poll_interval"] = GRAPH_POLL if values["source"] == "graph" else 60.0
     _server(values, sources, where)
     if values["username"] is None:
         raise ConfigError(f"{where} has no username")
+    if values["auth"] in APP_AUTH:
+        oauth2 = _app_only(values, where)
+        return Account(name, values, sources, password_source=(values["auth"], ""), oauth2=oauth2)
     if values["auth"] == "xoauth2":
         token_dir = token_dir or os.path.join(state_home(os.environ), "oauth2")
         oauth2 = _oauth2(values, name, where, token_dir)
         return Account(name, values, sources, password_source=("xoauth2", ""), oauth2=oauth2)
-    given = [key for key in OAUTH2_KEYS if values[key] is not None]
+    given = [key for key in OAUTH2_KEYS if values[key] is not None and key != "oauth2_certificate_alg"]
     if given:
         raise ConfigError(f'{where} has {given[0]} but auth = "password": set auth = "xoauth2" to use OAuth2')
     return Account(name, values, sources, password_source=_password_source(values, where))
@@ -531,6 +616,102 @@ def _preset_scopes(preset: Optional[OAuth2Provider], source: str) -> Tuple[str, 
             scope.replace("/IMAP.AccessAsUser.All", "/POP.AccessAsUser.All") for scope in preset.scopes
         )
     return preset.scopes
+
+
+def _graph(values: Dict[str, Any], sources: Dict[str, str], name: str, where: str) -> None:
+    """source = "graph": host, port and tls are the Graph endpoint's (for -v and the log lines);
+    it signs in with tokens only; its spool lives beside the state unless spool_dir says."""
+    from urllib.parse import urlsplit
+
+    if values["auth"] not in ("client_credentials", "xoauth2"):
+        raise ConfigError(
+            f'{where}: source = "graph" signs in with OAuth2: set auth = "client_credentials" '
+            '(an app registration; see README, "Microsoft Graph")'
+        )
+    for key in ("host", "port", "tls"):
+        if values[key] is not None:
+            raise ConfigError(f'{where}: {key} is for IMAP; source = "graph" uses graph_url')
+    url = urlsplit(values["graph_url"])
+    values["host"], sources["host"] = url.hostname, sources.get("graph_url", "default")
+    values["port"] = url.port or (443 if url.scheme == "https" else 80)
+    values["tls"] = "implicit" if url.scheme == "https" else "none"
+    sources["port"] = sources["tls"] = sources["host"]
+    if values["spool_dir"] is None:
+        values["spool_dir"] = os.path.join(state_home(os.environ), "spool", name)
+    if values["folders"] == ("INBOX",):  # the IMAP default: Graph's well-known name
+        values["folders"] = ("inbox",)
+
+
+def _app_only(values: Mapping[str, Any], where: str) -> OAuth2:
+    """auth = "client_credentials" (a secret or a certificate) or "google_service_account" (a
+    JSON key): tokens are asked for anew with the app's own credential; there is no grant file."""
+    auth = values["auth"]
+    given = [key for key in (*PASSWORD_KEYS, "oauth2_token_command", "oauth2_token_file") if values[key]]
+    if given:
+        raise ConfigError(f"{where} has {given[0]}, but auth = {auth!r} signs in as an app: remove it")
+    if auth == "google_service_account":
+        return _service_account(values, where)
+    secret, certificate = values["oauth2_client_secret_file"], values["oauth2_certificate_file"]
+    if values["oauth2_client_id"] is None or (secret is None) == (certificate is None):
+        raise ConfigError(
+            f'{where}: auth = "client_credentials" needs oauth2_client_id, and oauth2_client_secret_file '
+            "or oauth2_certificate_file (only one of them)"
+        )
+    tenant, token_url = values["oauth2_tenant"], values["oauth2_token_url"]
+    if token_url is None:
+        if tenant is None:
+            raise ConfigError(
+                f'{where}: auth = "client_credentials" needs oauth2_tenant (or oauth2_token_url)'
+            )
+        token_url = f"{MICROSOFT_LOGIN}/{tenant}/oauth2/v2.0/token"
+    if values["oauth2_scopes"]:
+        scopes = values["oauth2_scopes"]
+    elif values["source"] == "graph":
+        from urllib.parse import urlsplit
+
+        scopes = (f"https://{urlsplit(values['graph_url']).netloc}/.default",)
+    else:
+        scopes = (EXCHANGE_APP_SCOPE,)
+    return OAuth2(
+        OAuth2Provider(token_url=token_url, scopes=tuple(scopes)),
+        values["oauth2_client_id"],
+        secret,
+        None,
+        "",
+        grant="client_credentials",
+        certificate_file=certificate,
+        certificate_alg=values["oauth2_certificate_alg"],
+    )
+
+
+def _service_account(values: Mapping[str, Any], where: str) -> OAuth2:
+    key_file = values["oauth2_service_account_file"]
+    if key_file is None:
+        raise ConfigError(f'{where}: auth = "google_service_account" needs oauth2_service_account_file')
+    if values["source"] != "imap":
+        raise ConfigError(f'{where}: auth = "google_service_account" is for Gmail IMAP (source = "imap")')
+    others = [
+        key
+        for key in ("oauth2_client_secret_file", "oauth2_certificate_file", "oauth2_tenant")
+        if values[key]
+    ]
+    if others:
+        raise ConfigError(
+            f'{where} has {others[0]}, but auth = "google_service_account" uses the JSON key only'
+        )
+    return OAuth2(
+        OAuth2Provider(
+            token_url=values["oauth2_token_url"] or "",  # "": the key file's token_uri
+            scopes=tuple(values["oauth2_scopes"] or _GOOGLE.scopes),
+        ),
+        values["oauth2_client_id"] or "",
+        None,
+        None,
+        "",
+        grant="google_service_account",
+        service_account_file=key_file,
+        subject=values["username"],
+    )
 
 
 def _server(values: Dict[str, Any], sources: Dict[str, str], where: str) -> None:

@@ -167,6 +167,8 @@ def _check_account(
         return _check_pop3_account(report, account, synced)
     from mailbox_relay.sources.imap import ImapProblem, capabilities, close, login, open_connection
 
+    if account.source == "graph":
+        return _check_graph(report, account, synced)
     if not _resolve(report, account.host, account.port, "imap dns"):
         return False
     probe = _connect(report, account.host, account.port, account.timeout, "imap tcp")
@@ -272,6 +274,63 @@ def _check_pop3_account(report: Report, account: Account, synced: Synced) -> boo
 def _pop3_tls(session: Any) -> str:
     sock = session.client.sock
     return f"{sock.version()} ({session.account.tls}), certificate verified"
+
+
+def _check_graph(report: Report, account: Account, synced: Synced) -> bool:
+    """Graph: the token (with the AADSTS code on failure), the permissions it carries, the
+    mailbox, each folder and the move target looked up: read-only, changes nothing."""
+    from mailbox_relay.sources.graph import GraphProblem, GraphSource, token_roles
+    from mailbox_relay.sources.oauth2 import token_source
+
+    if not _oauth2_token(report, account):
+        return False
+    roles = token_roles(token_source(account).current().access)
+    if roles:
+        writes = account.after.action != "keep"
+        if writes and "Mail.ReadWrite" not in roles:
+            report.failed(
+                "permissions",
+                f"the app has {', '.join(roles)}; after = {account.after} needs the application permission "
+                'Mail.ReadWrite (with admin consent), or set after = "keep"',
+                Exit.NOPERM,
+            )
+            return False
+        if not {"Mail.Read", "Mail.ReadWrite"} & set(roles):
+            report.failed(
+                "permissions",
+                f"the app has {', '.join(roles)}: it needs the application permission Mail.Read "
+                "(Mail.ReadWrite for after) with admin consent",
+                Exit.NOPERM,
+            )
+            return False
+        report.passed("permissions", f"application permissions {', '.join(sorted(roles))}")
+    else:
+        report.passed("permissions", "the token names none (the lookups below show what the app may do)")
+    source = GraphSource(account)
+    step = "mailbox"
+    try:
+        inbox = source.folder("inbox")
+        count = inbox.get("totalItemCount")
+        report.passed(step, f"{account.username} at {account.graph_url} ({count} in Inbox)")
+        for name in account.folders:
+            step = f"folder {name}"
+            info = source.folder(name)
+            count = int(info.get("totalItemCount") or 0)
+            first = (account.name, name) not in synced and account.start != "all" and count
+            note = f"; the first fetch or watch: {_left_alone_line(count, account.start)}" if first else ""
+            if first and account.start_date is not None:
+                note = f"; the first fetch or watch leaves alone what arrived before {account.start}"
+            report.passed(step, f"{info.get('displayName')}: {count} messages{note}")
+        if account.after.action == "move":
+            step = "after"
+            source._target()
+            report.passed(step, f"move:{account.after.folder}: the folder exists")
+    except GraphProblem as problem:
+        report.failed(step, problem.line, _trouble_code(problem.kind))
+        return False
+    finally:
+        source.close()
+    return True
 
 
 def _oauth2_token(report: Report, account: Account) -> bool:

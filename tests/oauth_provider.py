@@ -1,6 +1,9 @@
 """A small OAuth2 provider over real HTTP, for the tests: the token endpoint (refresh,
 device-code and authorization-code-with-PKCE grants), the device and authorize endpoints, and
-an introspection endpoint that the suite's Dovecot asks about each XOAUTH2 token.
+an introspection endpoint that the suite's Dovecot asks about each XOAUTH2 token. App-only
+grants too: client credentials with a secret (for the mailboxes in `app_mailboxes`, as an
+Exchange app with IMAP.AccessAsApp is scoped to some), and Google's JWT-bearer grant of a
+service account whose key it verifies (the mailbox is the assertion's `sub`).
 
 The "person" is simulated: `/device?user_code=..&user=..` enters a device code, and
 `/authorize` signs in as `sign_in_as` at once (or declines, with `decline = True`) and
@@ -38,6 +41,10 @@ class OAuthProvider(threading.Thread):
         self.codes: Dict[str, Dict[str, str]] = {}  # authorization code -> user, challenge, redirect
         self.issued: List[str] = []  # every token ever issued, to look for leaks
         self.grants_used: Dict[str, int] = {}  # grant_type -> successful token answers
+        self.app_secret = "app-secret-value"
+        self.app_mailboxes: List[str] = []  # what a client-credentials token may open
+        self.service_account: Any = None  # tests.app_credentials.Certificate of the Google key
+        self.service_email = "relay@project.iam.gserviceaccount.com"
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -115,7 +122,59 @@ class OAuthProvider(threading.Thread):
             answer["refresh_token"] = refresh
         return answer
 
+    def app_token(self, form: Dict[str, str]) -> Tuple[int, Dict[str, Any]]:
+        """client_credentials (an app, for the mailboxes it is scoped to) or JWT bearer (a
+        service account, for the mailbox it names as sub)."""
+        kind = form.get("grant_type", "")
+        if kind == "client_credentials":
+            if form.get("client_id") != CLIENT_ID or form.get("client_secret") != self.app_secret:
+                return 401, {
+                    "error": "invalid_client",
+                    "error_description": "AADSTS7000215: Invalid client secret provided.",
+                    "error_codes": [7000215],
+                }
+            if not form.get("scope", "").endswith("/.default"):
+                return 400, {"error": "invalid_scope", "error_codes": [1002012]}
+            users = list(self.app_mailboxes)
+        else:
+            from .app_credentials import AssertionRefused
+
+            try:
+                claims = self._service_claims(form.get("assertion", ""))
+            except AssertionRefused as refused:
+                return 400, {"error": "invalid_grant", "error_description": refused.why}
+            users = [str(claims["sub"])]
+        with self.lock:
+            access = "at-" + secrets.token_urlsafe(24)
+            self.access_tokens[access] = (users[0] if users else "", time.time() + self.lifetime)
+            self.issued.append(access)
+            self.grants_used[kind] = self.grants_used.get(kind, 0) + 1
+        return 200, {"access_token": access, "token_type": "Bearer", "expires_in": self.lifetime}
+
+    def _service_claims(self, assertion: str) -> Dict[str, Any]:
+        import json as json_
+
+        from .app_credentials import AssertionRefused, unb64, verify
+
+        try:
+            subject = str(json_.loads(unb64(assertion.split(".")[1]))["sub"])
+        except (ValueError, KeyError, IndexError):
+            raise AssertionRefused(0, "Invalid JWT") from None
+        claims = verify(
+            assertion,
+            self.service_account,
+            audience=f"{self.url}/token",
+            issuer=self.service_email,
+            subject=subject,
+            by_thumbprint=False,
+        )
+        if claims.get("scope") != "https://mail.google.com/":
+            raise AssertionRefused(0, "unauthorized_client: not authorized for the scopes requested")
+        return claims
+
     def token(self, form: Dict[str, str]) -> Tuple[int, Dict[str, Any]]:
+        if form.get("grant_type") in ("client_credentials", "urn:ietf:params:oauth:grant-type:jwt-bearer"):
+            return self.app_token(form)
         if form.get("client_id") != CLIENT_ID or form.get("client_secret") != self.client_secret:
             return 401, {"error": "invalid_client", "error_description": "unknown client or wrong secret"}
         kind = form.get("grant_type", "")

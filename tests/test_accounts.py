@@ -138,7 +138,6 @@ def test_fetch_without_accounts_says_how_to_add_one(tmp_path: Path) -> None:
 def test_a_source_other_than_imap_and_pop3_is_refused_until_it_exists() -> None:
     assert account(host="h").source == "imap"
     assert account(host="h", source="pop3").source == "pop3"
-    assert "source = graph is not supported yet; only imap, pop3 is" in refused(host="h", source="graph")
     assert "source of [accounts.box] in c.toml must be one of imap, pop3, graph" in refused(
         host="h", source="x"
     )

@@ -1,5 +1,5 @@
 """Where messages come from: files (mbox, Maildir, .eml) for import, and the mailbox sources
-fetch and watch read, each one module behind the protocol in mailbox.py (IMAP and POP3 today).
+fetch and watch read, each one module behind the protocol in mailbox.py (IMAP, POP3, Graph).
 
 A new source is one module with a `connect_source(account)` and one line in `connect` below.
 """
@@ -26,4 +26,8 @@ def connect(account: Account) -> Source:
         from mailbox_relay.sources.pop3 import connect_source as connect_pop3
 
         return connect_pop3(account)
+    if kind == "graph":
+        from mailbox_relay.sources.graph import connect_source as connect_graph
+
+        return connect_graph(account)
     raise SourceProblem("protocol", f"account {account.name}: source {kind!r} is not supported yet")

@@ -363,7 +363,9 @@ class TokenSource:
         return self._obtain(refused, force=refused is None)
 
     def _obtain(self, refused: Optional[Token], force: bool) -> Token:
-        if self.oauth2.token_command is not None:
+        if self.oauth2.app_only:  # asked anew each time: no grant file to share, no refresh token
+            token = self._for_app()
+        elif self.oauth2.token_command is not None:
             token = self._from_command()
         else:
             with _locked(self.oauth2.token_file, 2 * self.account.timeout):
@@ -371,6 +373,19 @@ class TokenSource:
         with self._lock:
             self._token = token
         return token
+
+    def _for_app(self) -> Token:
+        """App-only (sources/apponly.py): the client credentials or JWT-bearer grant."""
+        from mailbox_relay.sources.apponly import app_refusal, token_request
+
+        url, form = token_request(self.account, self.oauth2)
+        status, answer = _post(url, form, self.account.timeout)
+        if status != 200 or not isinstance(answer.get("access_token"), str):
+            explained = app_refusal(status, answer, self.account, url)
+            if explained is not None:
+                raise TokenProblem(*explained)
+            raise refusal(status, answer, self.account, url)
+        return _granted(answer, urlsplit(url).netloc or url)
 
     def _from_command(self) -> Token:
         command = str(self.oauth2.token_command)
@@ -431,13 +446,13 @@ def _grant_record(grant: Dict[str, Any], answer: Dict[str, Any], token: Token) -
     }
 
 
-_SOURCES: Dict[Tuple[str, str], TokenSource] = {}
+_SOURCES: Dict[Tuple[str, OAuth2], TokenSource] = {}
 
 
 def token_source(account: Account) -> TokenSource:
     """The one TokenSource of an account in this process (watch runs a thread per folder)."""
     assert account.oauth2 is not None
-    key = (account.name, account.oauth2.token_file)
+    key = (account.name, account.oauth2)  # an account changed (another client, endpoint): another source
     with _LOCKS_LOCK:
         if key not in _SOURCES:
             _SOURCES[key] = TokenSource(account)
@@ -466,6 +481,12 @@ def refreshable(account: Account) -> OAuth2:
     """The OAuth2 settings of an account whose tokens mailbox-relay refreshes itself."""
     if account.oauth2 is None:
         raise TokenProblem("client", f'account {account.name} does not use OAuth2: set auth = "xoauth2"')
+    if account.oauth2.app_only:
+        raise TokenProblem(
+            "client",
+            f"account {account.name} signs in as an app (auth = {account.auth}): there is no sign-in "
+            "to store; `mailbox-relay check --account` shows whether its credential works",
+        )
     if account.oauth2.token_command is not None:
         raise TokenProblem(
             "client",
