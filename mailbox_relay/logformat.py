@@ -23,6 +23,14 @@ from mailbox_relay.log import Log, fields_of, prefixed, say
 KEYS = ("account", "folder", "uid", "code")
 
 
+def operator_logs(options: Mapping[str, Any], environ: Mapping[str, str]) -> Tuple[str, Log, Log]:
+    """The log_format setting, and the (log, error log) it makes. Raises ConfigError."""
+    from mailbox_relay.settings import LogSettings, open_layers
+
+    log_format = LogSettings.resolve(open_layers(options, environ)).log_format
+    return (log_format, *stderr_logs(log_format, environ))
+
+
 def stderr_is_journal(environ: Mapping[str, str]) -> bool:
     """JOURNAL_STREAM is "DEVICE:INODE" of the journal's stream; it counts only while stderr is
     still that stream (a redirect in a unit's ExecStart= would inherit the variable)."""

@@ -122,7 +122,10 @@ def test_the_deliver_path_imports_nothing_heavy(clean_env: Dict[str, str], https
         "         'multiprocessing', 'difflib', 'mailbox_relay.importer', 'imapclient', 'imaplib',\n"
         "         'mailbox_relay.cli.import_', 'mailbox_relay.cli.check', 'mailbox_relay.cli.serve',\n"
         "         'mailbox_relay.cli.fetch', 'mailbox_relay.fetch.once', 'mailbox_relay.sources.imap',\n"
-        "         'mailbox_relay.cli.auth', 'mailbox_relay.sources.oauth2'}\n"
+        "         'mailbox_relay.cli.auth', 'mailbox_relay.sources.oauth2', 'prometheus_client',\n"
+        "         'mailbox_relay.logformat', 'mailbox_relay.notify', 'mailbox_relay.fetch.metrics',\n"
+        "         'mailbox_relay.fetch.listen', 'mailbox_relay.fetch.health',\n"
+        "         'mailbox_relay.fetch.operate'}\n"
         "print(code, sorted(name for name in sys.modules if name.split('.')[0] in heavy or name in heavy))\n"
     )
     result = subprocess.run(
