@@ -40,6 +40,9 @@ class FakeWatch:
     def account(self, name: str) -> Account:
         return self.accounts[name]
 
+    def folders(self) -> List[Tuple[str, str]]:
+        return [("box", "INBOX")]
+
 
 def http_get(port: int, path: str) -> Tuple[int, Dict[str, object]]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
@@ -62,8 +65,11 @@ def test_attach_serves_readiness_metrics_and_tells_systemd(tmp_path: Path) -> No
         operations = attach(watch, ("127.0.0.1", port), {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
         loop.start()
         try:
-            watch.events.folder_added("box", "INBOX")
-            assert http_get(port, "/readyz")[0] == 503
+            status, body = http_get(port, "/readyz")  # INBOX is known before any event about it
+            assert (status, body["not_ready"]) == (
+                503,
+                [{"account": "box", "folder": "INBOX", "why": "not connected yet"}],
+            )
             watch.events.connected("box", "INBOX")
             watch.events.first_round_done()
             status, body = http_get(port, "/readyz")

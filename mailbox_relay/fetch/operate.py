@@ -5,7 +5,7 @@ NOTIFY_SOCKET is set. watch.py calls `attach` before its loop runs and `close` a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional, Protocol, Tuple
 
 from mailbox_relay.fetch.events import WatchEvents
 from mailbox_relay.fetch.health import Health, fresh_for
@@ -28,6 +28,7 @@ class Watched(Protocol):
     loop: Loop
 
     def account(self, name: str) -> Account: ...
+    def folders(self) -> List[Tuple[str, str]]: ...
 
 
 class Operations:
@@ -37,6 +38,7 @@ class Operations:
         self.health = health
         self.notifier: Optional[Notifier] = None
         self.listener: Optional[Listener] = None
+        self.observers: List[WatchEvents] = [health]  # as added to watch.events
         self._closers: List[Callable[[], None]] = []
 
     def close(self) -> None:
@@ -58,6 +60,7 @@ def attach(watch: Watched, listen: Optional[Address], environ: Mapping[str, str]
 
         metrics = Metrics(ready=health.folders_ready)
         watch.events.add(metrics)
+        operations.observers.append(metrics)
         listener = Listener(listen, watch.loop, health, lambda: (CONTENT_TYPE, metrics.exposition()))
         listener.start()
         operations.listener = listener
@@ -65,7 +68,13 @@ def attach(watch: Watched, listen: Optional[Address], environ: Mapping[str, str]
     notifier = Notifier.from_environ(environ, health.status_line)
     if notifier is not None:
         watch.events.add(notifier)
+        operations.observers.append(notifier)
         notifier.start(watch.loop)
         operations.notifier = notifier
         operations._closers.append(notifier.close)
+    # Every folder is known from the start (not ready until it connects), whether or not the
+    # loop says folder_added for the configured ones: a folder that never connects is named.
+    for account, folder in watch.folders():
+        for observer in operations.observers:
+            observer.folder_added(account, folder)
     return operations
