@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 from mailbox_relay.fetch.health import Health
 from mailbox_relay.notify import Handle, Loop
+from mailbox_relay.outcome import ConfigError
 from mailbox_relay.settings import Address
 
 MAX_REQUEST = 4096  # bytes of request line and headers; a probe sends about a hundred
@@ -41,8 +42,8 @@ REASONS = {
 }
 
 
-class ListenError(Exception):
-    """The address cannot be listened on (in use, not ours): a setting to fix."""
+class ListenError(ConfigError):
+    """The address cannot be listened on (in use, not ours): a setting to fix (exit 78)."""
 
 
 class Listener:
