@@ -30,7 +30,7 @@ from mailbox_relay.maildir import MaildirWriter, open_failed_dir
 from mailbox_relay.message import Prepared, body_start, header_lines, prepare
 from mailbox_relay.outcome import InvalidMessage, Outcome, Reason, UsageError
 from mailbox_relay.progress import NoProgress, Progress
-from mailbox_relay.settings import ImportSettings, MessageSettings, open_layers
+from mailbox_relay.settings import ImportSettings, LogSettings, MessageSettings, open_layers
 from mailbox_relay.signals import stop_signals
 from mailbox_relay.sources.files import DamagedInput, NotASource, Source, Unreadable, detect, printable
 from mailbox_relay.state.journal import Journal, default_path
@@ -344,6 +344,7 @@ def run_import(
     settings = ImportSettings.resolve(layers)
     message = MessageSettings.resolve(layers)
     delivery = None if dry_run else target_from(layers)
+    log_format = LogSettings.resolve(layers).log_format
     if verbose:
         for line in [*settings.describe(), *(delivery or message).describe()]:
             log(line)
@@ -360,7 +361,7 @@ def run_import(
         importer = Importer(
             settings,
             message,
-            pool=None if delivery is None else start_workers(delivery, settings.jobs, quiet),
+            pool=None if delivery is None else start_workers(delivery, settings.jobs, quiet, log_format),
             filters=filters,
             journal=journal,
             failed=failed,

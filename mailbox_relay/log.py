@@ -1,14 +1,48 @@
-"""Log lines: one prefix, one way to write them. Cheap to import (deliver pays for it)."""
+"""Log lines: one prefix, one way to write them. Cheap to import (deliver pays for it).
+
+A line about a message or a folder is a `Line`: to every writer it is the same text, and it also
+carries what it is about (account, folder, uid, code, event, level), which the JSON writer
+(logformat.py, loaded only by import, fetch and watch) puts in fields of their own.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional, TextIO
+from typing import Any, Callable, Dict, Optional, TextIO
 
 Log = Callable[[str], None]
 
 PREFIX = "mailbox-relay: "
+
+
+class Line(str):
+    """A log line that knows what it is about; everywhere else it is just its text."""
+
+    fields: Dict[str, Any]
+
+    def __new__(cls, text: str, **fields: Any) -> Line:
+        line = super().__new__(cls, text)
+        line.fields = {name: value for name, value in fields.items() if value is not None}
+        return line
+
+
+def about(
+    text: str,
+    event: str,
+    *,
+    account: Optional[str] = None,
+    folder: Optional[str] = None,
+    uid: Optional[str] = None,
+    code: Optional[str] = None,
+    level: str = "info",
+) -> Line:
+    """`text`, named as `event` and with what it concerns, for --log-format json."""
+    return Line(text, event=event, account=account, folder=folder, uid=uid, code=code, level=level)
+
+
+def fields_of(line: str) -> Dict[str, Any]:
+    return dict(line.fields) if isinstance(line, Line) else {}
 
 
 def prefixed(line: str) -> str:

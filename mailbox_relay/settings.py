@@ -43,6 +43,8 @@ DELIVER = "deliver"
 IMPORT = "import"
 FETCH = "fetch"  # fetch and watch
 FAILED = "failed"  # import, fetch and watch: where undelivered messages are copied
+WATCH = "watch"  # watch alone
+LOGS = "logs"  # the commands that log for an operator: import, fetch and watch
 
 PASSWORD_ENV = ("MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD")
 # The names of ingress/formats.py's INGRESSES (tests/test_ingresses.py checks they agree): the
@@ -179,6 +181,35 @@ def _check_address(address: str, where: str) -> str:
             "%T holds addresses only for a multidrop poll (see contrib/fetchmailrc.example)"
         )
     return address
+
+
+Address = Tuple[str, int]  # (host, port) to listen on
+LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
+
+
+def parse_listen(value: Any, where: str) -> Address:
+    """PORT (on loopback), HOST:PORT or [IPv6]:PORT. HOST is an IP address or localhost: only
+    an address given explicitly listens beyond this machine (0.0.0.0, [::])."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipv6 = True
+    else:
+        ipv6 = False
+    host = LOOPBACK_NAMES.get(host, host) or "127.0.0.1"
+    wrong = f"{where} must be PORT, HOST:PORT or [IPv6]:PORT with an IP address as HOST, not {value!r}"
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(wrong)
+    import ipaddress  # only when the setting is used (watch): deliver never pays for it
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(wrong) from None
+    if (address.version == 6) != ipv6:  # an IPv6 address needs its brackets, and only it
+        raise ConfigError(wrong)
+    return str(address), int(port)
 
 
 def parse_user_agent(value: Any, where: str) -> str:
@@ -506,6 +537,37 @@ class FetchSettings(FailedSettings):
     )
 
 
+class LogSettings(Resolved):
+    """How `import`, `fetch` and `watch` write their log lines (log.py, logformat.py)."""
+
+    __slots__ = ()
+
+    log_format: Field[str] = Field(
+        parse_choice("plain", "json"),
+        "plain",
+        "plain: one line per event (timestamped unless stderr is the journal); json: one JSON "
+        "object per line (ts, level, event, account, folder, uid, code, message).",
+        group=LOGS,
+        shown_default="plain",
+    )
+
+
+class WatchSettings(Resolved):
+    """What only `watch` has: its health, readiness and metrics endpoint."""
+
+    __slots__ = ()
+
+    listen: Field[Optional[Address]] = Field(
+        parse_listen,
+        None,
+        "Serve /healthz, /readyz and /metrics on this address: PORT (loopback), HOST:PORT or "
+        "[IPv6]:PORT (only an explicit HOST listens beyond this machine).",
+        group=WATCH,
+        metavar="ADDRESS",
+        shown_default="off",
+    )
+
+
 CONFIG: Field[Optional[str]] = Field(
     parse_str,
     None,
@@ -527,7 +589,15 @@ EXIT_CODES: Field[str] = Field(
 
 FIELDS: Dict[str, Field[Any]] = {
     field.name: field
-    for field in (*Settings.fields(), *ImportSettings.fields(), *FetchSettings.fields(), CONFIG, EXIT_CODES)
+    for field in (
+        *Settings.fields(),
+        *ImportSettings.fields(),
+        *FetchSettings.fields(),
+        *LogSettings.fields(),
+        *WatchSettings.fields(),
+        CONFIG,
+        EXIT_CODES,
+    )
 }
 
 # Keys a config file may hold beyond FIELDS (the password itself may live there, mode 0600).

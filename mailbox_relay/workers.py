@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, List, Tuple
 
 from mailbox_relay.ingress.target import Target
-from mailbox_relay.log import Log, nowhere, to_stderr
+from mailbox_relay.log import Log, nowhere
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import Exit, Outcome, Reason
 from mailbox_relay.processes import pid_alive
@@ -150,13 +150,20 @@ def _watch(pid: int) -> None:
     os._exit(Exit.TEMPFAIL)
 
 
-def _init(settings: Target, pacer: AdaptiveConcurrency, verbose: bool, importer: int) -> None:
+def _init(
+    settings: Target, pacer: AdaptiveConcurrency, verbose: bool, importer: int, log_format: str
+) -> None:
     _die_with(importer)
     # A signal reaches the whole process group (Ctrl-C, systemd's SIGTERM): the parent alone
     # decides, finishing in-flight posts and printing the summary; workers carry on until told.
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
-    pacer.log = to_stderr if verbose else nowhere
+    if verbose:  # in the import's log format: a JSON log must be JSON on every line
+        from mailbox_relay.logformat import stderr_logs
+
+        pacer.log = stderr_logs(log_format, os.environ)[0]
+    else:
+        pacer.log = nowhere
     _Worker.settings = settings
     _Worker.pacer = pacer
 
@@ -185,11 +192,11 @@ def deliver_batch(payloads: List[bytes]) -> Tuple[List[Outcome], float]:
     return outcomes, time.monotonic() - started
 
 
-def start_workers(settings: Target, jobs: int, quiet: bool) -> ProcessPoolExecutor:
+def start_workers(settings: Target, jobs: int, quiet: bool, log_format: str = "plain") -> ProcessPoolExecutor:
     """`jobs` worker processes sharing one AdaptiveConcurrency; they log to stderr unless quiet."""
     return ProcessPoolExecutor(
         max_workers=jobs,
         mp_context=_CONTEXT,
         initializer=_init,
-        initargs=(settings, AdaptiveConcurrency(jobs), not quiet, os.getpid()),
+        initargs=(settings, AdaptiveConcurrency(jobs), not quiet, os.getpid(), log_format),
     )

@@ -85,7 +85,7 @@ class Ingress:
         self.posted: List[int] = []
         self.before_post = lambda number: None
 
-    def __call__(self, prepared: Prepared) -> Outcome:
+    def __call__(self, prepared: Prepared, log: object = None) -> Outcome:
         number = int(prepared.to_bytes().split(b"Subject: ")[1].split(b"\r\n")[0])
         self.before_post(number)
         self.posted.append(number)
@@ -133,7 +133,7 @@ def test_with_a_start_date_mail_arriving_later_is_new_whatever_its_date(state: F
     folder.append(1, datetime.date(2020, 1, 1))  # older than start: left alone
     folder.append(2, TODAY)
     refused = Outcome(Reason.UNREACHABLE, "connection refused")
-    paused = sync(state, lambda prepared: refused, start).run(folder, "INBOX")  # type: ignore[arg-type]
+    paused = sync(state, lambda prepared, log=None: refused, start).run(folder, "INBOX")  # type: ignore[arg-type]
     assert paused.paused and paused.delivered == 0
     folder.append(3, datetime.date(2020, 1, 1))  # back-dated, arriving after the first sight
     folder.append(4, TODAY)

@@ -65,7 +65,7 @@ class Ingress:
         self.answers = answers or {}
         self.posted: List[int] = []
 
-    def __call__(self, prepared: Prepared) -> Outcome:
+    def __call__(self, prepared: Prepared, log: object = None) -> Outcome:
         number = int(prepared.to_bytes().split(b"Subject: ")[1].split(b"\r\n")[0])
         self.posted.append(number)
         queue = self.answers.get(number, [])

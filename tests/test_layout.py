@@ -85,6 +85,13 @@ def test_deliver_imports_none_of_the_other_commands() -> None:
         "mailbox_relay.fetch.watch",
         "mailbox_relay.cli.auth",
         "mailbox_relay.sources.oauth2",
+        # operating watch (issue 21): health, metrics, the endpoint, systemd, JSON logs
+        "mailbox_relay.fetch.health",
+        "mailbox_relay.fetch.metrics",
+        "mailbox_relay.fetch.listen",
+        "mailbox_relay.fetch.operate",
+        "mailbox_relay.notify",
+        "mailbox_relay.logformat",
     }
     assert (
         reached & (others | {"mailbox_relay.importer", "mailbox_relay.check", "mailbox_relay.server"})
@@ -102,6 +109,24 @@ def test_imports_run_one_way_settings_below_ingress_and_ingress_below_cli() -> N
         assert graph[module] & cli == set(), module
     # outcome is the bottom: the exit codes and kinds every layer reads, importing nothing of ours
     assert graph["mailbox_relay.outcome"] == set()
+
+
+def test_prometheus_client_is_imported_by_metrics_alone() -> None:
+    """Only watch loads it (through operate.py, lazily): a third-party import anywhere else would
+    put it on another command's path."""
+    importers = {
+        module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        if any(
+            (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prometheus_client"))
+            or (
+                isinstance(node, ast.Import)
+                and any(a.name.startswith("prometheus_client") for a in node.names)
+            )
+            for node in ast.walk(ast.parse(path.read_text()))
+        )
+    }
+    assert importers == {"mailbox_relay.fetch.metrics"}
 
 
 def calls_in(path: Path) -> Set[str]:

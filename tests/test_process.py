@@ -123,7 +123,10 @@ def test_the_deliver_path_imports_nothing_heavy(clean_env: Dict[str, str], https
         "         'mailbox_relay.cli.import_', 'mailbox_relay.cli.check', 'mailbox_relay.cli.serve',\n"
         "         'mailbox_relay.cli.fetch', 'mailbox_relay.fetch.once', 'mailbox_relay.sources.imap',\n"
         "         'mailbox_relay.cli.auth', 'mailbox_relay.sources.oauth2', 'poplib',\n"
-        "         'mailbox_relay.sources.pop3', 'mailbox_relay.cli.migrate', 'mailbox_relay.migrate'}\n"
+        "         'mailbox_relay.sources.pop3', 'mailbox_relay.cli.migrate', 'mailbox_relay.migrate',\n"
+        "         'prometheus_client', 'mailbox_relay.logformat', 'mailbox_relay.notify',\n"
+        "         'mailbox_relay.fetch.metrics', 'mailbox_relay.fetch.listen',\n"
+        "         'mailbox_relay.fetch.health', 'mailbox_relay.fetch.operate'}\n"
         "print(code, sorted(name for name in sys.modules if name.split('.')[0] in heavy or name in heavy))\n"
     )
     result = subprocess.run(

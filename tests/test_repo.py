@@ -94,6 +94,10 @@ def test_contrib_examples_exist() -> None:
         "qmail.example",
         "config.toml.example",
         "mailbox-relay-watch.service.example",
+        "mailbox-relay-fetch.service.example",
+        "mailbox-relay-fetch.timer.example",
+        "prometheus.yml.example",
+        "mailbox-relay.rules.yml.example",
         "sample.eml",
     ):
         assert (ROOT / "contrib" / name).is_file(), name

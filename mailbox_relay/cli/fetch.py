@@ -15,9 +15,9 @@ from mailbox_relay.cli.options import (
     settings_options,
     usage_errors,
 )
-from mailbox_relay.log import nowhere, say, to_stderr
+from mailbox_relay.log import Log, nowhere, say
 from mailbox_relay.outcome import FETCH_EXITS, STATUS_EXITS, WATCH_EXITS, Exit
-from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FAILED, FETCH, FetchSettings
+from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FAILED, FETCH, LOGS, WATCH, FetchSettings
 
 ACCOUNTS = """
 IMAP accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
@@ -64,6 +64,7 @@ _ACCOUNT = account_option("Only this account (repeatable); all accounts by defau
     DELIVERY,
     FETCH,
     FAILED,
+    LOGS,
     verbose="Log every setting and where it came from, each account's settings, and each message "
     "found, delivered or failed, to stderr. Never logs a password or token.",
 )
@@ -81,20 +82,22 @@ def fetch(
     **options: Any,
 ) -> Exit:
     from mailbox_relay.fetch.once import fetch_once, open_context
+    from mailbox_relay.logformat import operator_logs
     from mailbox_relay.signals import stop_signals
 
     stop: List[bool] = []
     # A ConfigError (a setting, the state file) ends at cli.run's boundary: 78, as for watch.
     with usage_errors():
         context = open_context(options, os.environ, accounts)
+        _format, log, _errors = operator_logs(options, os.environ)
     if verbose:
         for line in context.describe():
-            to_stderr(line)
+            log(line)
     if retry_quarantined:
-        _release(context)
+        _release(context, log)
     with stop_signals(lambda: stop.append(True)):
         summary = fetch_once(
-            context, log=to_stderr, events=to_stderr if verbose else nowhere, stopping=lambda: bool(stop)
+            context, log=log, events=log if verbose else nowhere, stopping=lambda: bool(stop)
         )
     if as_json:
         import json
@@ -106,13 +109,13 @@ def fetch(
     return summary.exit_code()
 
 
-def _release(context: Any) -> None:
+def _release(context: Any, log: Log) -> None:
     state = context.open_state()
     try:
         for account in context.accounts:
             count = state.release(account.name)
             if count:
-                to_stderr(f"{account.name}: {count} quarantined messages get a fresh set of tries")
+                log(f"{account.name}: {count} quarantined messages get a fresh set of tries")
     finally:
         state.close()
 
@@ -124,22 +127,31 @@ def _release(context: Any) -> None:
     DELIVERY,
     FETCH,
     FAILED,
+    LOGS,
+    WATCH,
     verbose="Log every setting and where it came from, and each account's settings, to stderr at "
     "start. Never logs a password or token.",
 )
 def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
     from mailbox_relay.fetch.once import open_context
     from mailbox_relay.fetch.watch import run_watch
+    from mailbox_relay.logformat import operator_logs
+    from mailbox_relay.settings import WatchSettings, open_layers
 
     with usage_errors():  # a ConfigError ends at cli.run's boundary: 78
         context = open_context(options, os.environ, accounts)
         context.open_state().close()  # an unusable state file is a setting to fix: say it now
+        _format, log, _errors = operator_logs(options, os.environ)
+        listen = WatchSettings.resolve(open_layers(options, os.environ)).listen
     if verbose:
         for line in context.describe():
-            to_stderr(line)
+            log(line)
     names = ", ".join(f"{a.name} ({', '.join(a.folders)})" for a in context.accounts)
-    to_stderr(f"watching {names}; delivering to {context.settings.url}")
-    return run_watch(context, to_stderr)
+    log(f"watching {names}; delivering to {context.settings.url}")
+    # INTEGRATION (issue 20 + 21): run_watch builds the loop; it must call
+    # fetch/operate.attach(watch, listen, os.environ) before the loop runs (see the report).
+    del listen
+    return run_watch(context, log)
 
 
 @click.command(help=STATUS_HELP, short_help="What fetch and watch have done, per account and folder.")

@@ -10,9 +10,9 @@ from typing import Any, List, Optional
 import click
 
 from mailbox_relay.cli.options import exit_codes_help, settings_options, usage_errors
-from mailbox_relay.log import nowhere, say, to_stderr, to_stderr_error
+from mailbox_relay.log import nowhere, say, to_stderr_error
 from mailbox_relay.outcome import IMPORT_EXITS, Exit
-from mailbox_relay.settings import CONNECTION, DELIVERY, FAILED, IMPORT
+from mailbox_relay.settings import CONNECTION, DELIVERY, FAILED, IMPORT, LOGS
 
 HELP = f"""Import mbox files (optionally .gz), Maildirs and trees of .eml files.
 
@@ -47,6 +47,7 @@ def _date(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> O
     DELIVERY,
     IMPORT,
     FAILED,
+    LOGS,
     verbose="Log every setting and where it came from, and each attempt that is retried, to stderr. "
     "Never logs the password.",
 )
@@ -102,9 +103,14 @@ def import_(
         labels=frozenset(name.casefold() for name in label),
         exclude_labels=frozenset(name.casefold() for name in exclude_label),
     )
-    progress = choose(sys.stderr, quiet=quiet, fancy=not as_json)
+    from mailbox_relay.logformat import operator_logs
+
+    with usage_errors():
+        log_format, lines, _errors = operator_logs(options, os.environ)
+    # A live bar would tear JSON lines: with --log-format json, progress is plain lines too.
+    progress = choose(sys.stderr, quiet=quiet, fancy=not as_json and log_format == "plain")
     live_bar = isinstance(progress, RichProgress)
-    log = nowhere if quiet else progress.log if isinstance(progress, RichProgress) else to_stderr
+    log = nowhere if quiet else progress.log if isinstance(progress, RichProgress) else lines
     try:
         with usage_errors():
             summary = run_import(

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from mailbox_relay.accounts import Account, load_accounts
 from mailbox_relay.fetch.rules import FolderResult, FolderSync, Post, left_alone_line
 from mailbox_relay.ingress.target import Target, target_from
-from mailbox_relay.log import Log, nowhere
+from mailbox_relay.log import Log, about, nowhere
 from mailbox_relay.maildir import MaildirWriter, open_failed_dir
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import ConfigError, Exit
@@ -94,9 +94,11 @@ def make_post(
 ) -> Tuple[Any, Post]:
     """A keep-alive session with the ingress and the function that posts through it.
 
-    `threaded`: posts run off the main thread, where each whole attempt is bounded by the
-    deadline watchdog instead of SIGALRM. `pause` replaces the retry loop's sleep; it raises
-    `Interrupted` when the work is stopping, and the message then stays for next time."""
+    `log` gets the retry lines of a post given no log of its own (rules.py gives each message
+    one that names its account, folder and UID). `threaded`: posts run off the main thread,
+    where each whole attempt is bounded by the deadline watchdog instead of SIGALRM. `pause`
+    replaces the retry loop's sleep; it raises `Interrupted` when the work is stopping, and the
+    message then stays for next time."""
     from mailbox_relay.ingress.client import Clock, make_session, post_with_retry
     from mailbox_relay.outcome import Outcome, Reason
     from mailbox_relay.signals import Interrupted
@@ -104,9 +106,11 @@ def make_post(
     session = make_session(settings, threaded=threaded)
     clock = Clock(sleep=pause) if pause is not None else None
 
-    def post(prepared: Prepared) -> Outcome:
+    fallback = log
+
+    def post(prepared: Prepared, log: Optional[Log] = None) -> Outcome:
         try:
-            return post_with_retry(session, settings, prepared, log=log, clock=clock)
+            return post_with_retry(session, settings, prepared, log=log or fallback, clock=clock)
         except Interrupted:
             return Outcome(Reason.INTERRUPTED, "stopping; the message stays on the server for next time")
 
@@ -261,18 +265,19 @@ class _Problems:
         self.log = log
 
     def account(self, line: str) -> None:
-        self._add(self.account_.name, line)
+        self._add(self.account_.name, None, line)
         for name in self.account_.folders:
             self._record(name, line)
 
     def folder(self, name: str, line: str, record: bool = True) -> None:
-        self._add(f"{self.account_.name}/{name}", line)
+        self._add(f"{self.account_.name}/{name}", name, line)
         if record:
             self._record(name, line)
 
-    def _add(self, where: str, line: str) -> None:
+    def _add(self, where: str, folder: Optional[str], line: str) -> None:
         self.problems.append({"where": where, "problem": line})
-        self.log(f"{where}: {line}")
+        account = self.account_.name
+        self.log(about(f"{where}: {line}", "unreachable", account=account, folder=folder, level="warning"))
 
     def _record(self, folder: str, line: str) -> None:
         with contextlib.suppress(StateProblem):  # a broken state is said where it breaks

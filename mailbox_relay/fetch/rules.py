@@ -18,12 +18,13 @@ behind sources/mailbox.py) and HTTP (ingress/client.py):
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set
 
 from mailbox_relay.accounts import Account, After
-from mailbox_relay.log import Log, nowhere
+from mailbox_relay.log import Log, about, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, prepare
 from mailbox_relay.outcome import InvalidMessage, Kind, Outcome, Reason
@@ -33,7 +34,14 @@ from mailbox_relay.state.folders import FetchState, FolderState, StateProblem
 if TYPE_CHECKING:
     from mailbox_relay.sources.mailbox import Source
 
-Post = Callable[[Prepared], Outcome]
+
+class Post(Protocol):
+    """Posts one message; `log` gets its retry lines (named by account, folder and UID)."""
+
+    def __call__(self, prepared: Prepared, log: Optional[Log] = None) -> Outcome: ...
+
+
+ENHANCED_CODE = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")  # in a retry line: the answer's code
 
 # Answers that say nothing about the message: the ingress is down or busy for everyone. They
 # pause the folder and count no try (systemic answers, 401/404/TLS..., do the same).
@@ -108,7 +116,16 @@ class FolderSync:
             except StateProblem as problem:
                 result.paused = problem.outcome.detail
                 result.state_failed = True
-                self.log(f"{self.account.name}/{name}: {problem.outcome.detail}")
+                where = f"{self.account.name}/{name}"
+                self.log(
+                    about(
+                        f"{where}: {problem.outcome.detail}",
+                        "state_failed",
+                        account=self.account.name,
+                        folder=name,
+                        level="error",
+                    )
+                )
         return result
 
     def _pass(self, source: Source, name: str, result: FolderResult) -> None:
@@ -131,7 +148,8 @@ class FolderSync:
         if first_sight and self.account.start != "all":
             result.left_alone = max(0, opened.exists - len(new))
             if result.left_alone:
-                self.events(f"{account}/{name}: {left_alone_line(result.left_alone, self.account.start)}")
+                line = f"{account}/{name}: {left_alone_line(result.left_alone, self.account.start)}"
+                self.events(about(line, "left_alone", account=account, folder=name))
         # New mail first: messages that failed before must never hold it up.
         todo = new + due
         result.found = len(todo)
@@ -178,11 +196,12 @@ class FolderSync:
             # its old date) belongs to the new epoch too, so no date may hide it. What was
             # delivered before is posted again with the same bytes, and Rails stores it once.
             cursor, since = None, None
-            self.log(
+            line = (
                 f"{account.name}/{name}: UIDVALIDITY changed ({known.epoch} -> {opened.epoch}); "
                 f"delivering every message in it ({opened.exists}) again, whatever its date "
                 "(Rails keeps one copy of identical messages)"
             )
+            self.log(about(line, "epoch_changed", account=account.name, folder=name, level="warning"))
         self.state.begin(account.name, name, opened.epoch, cursor, since, through)
         found = self.state.folder(account.name, name)
         assert found is not None
@@ -298,7 +317,7 @@ class _Pass:
             self._invalid(key, error.outcome, raw)
             return
         started = time.monotonic()
-        outcome = self.sync.post(prepared)
+        outcome = self.sync.post(prepared, self._retry_log(key))
         if outcome.delivered:
             self._delivered(key, prepared.size, time.monotonic() - started)
         elif outcome.kind is Kind.PERMANENT:
@@ -308,11 +327,27 @@ class _Pass:
         else:
             self._failed(key, outcome, raw)
 
+    def _retry_log(self, key: Key) -> Log:
+        """The retry loop's lines ("attempt 2: 4.4.1 ...; retrying in 2.0s"), named by account,
+        folder and key: one line must say which message of which folder is being retried."""
+
+        def log(line: str) -> None:
+            code = ENHANCED_CODE.search(line)
+            text = f"{self.where}: {self.label} {key}: {line}"
+            self.sync.log(self._about(text, "retry", key, code.group(1) if code else None, "warning"))
+
+        return log
+
+    def _about(self, text: str, event: str, key: Key, code: Optional[str] = None, level: str = "info") -> str:
+        account, folder = self.sync.account.name, self.result.folder
+        return about(text, event, account=account, folder=folder, uid=key, code=code, level=level)
+
     def _delivered(self, key: Key, size: int, seconds: float) -> None:
         self.accepted.append(key)
         self.result.delivered += 1
         self.failures_in_a_row = 0
-        self.sync.events(f"{self.where}: {self.label} {key} delivered ({size} bytes in {seconds:.2f}s)")
+        line = f"{self.where}: {self.label} {key} delivered ({size} bytes in {seconds:.2f}s)"
+        self.sync.events(self._about(line, "delivered", key))
 
     def _gone(self, key: Key) -> None:
         self._acknowledge()
@@ -327,7 +362,7 @@ class _Pass:
             sync.account.name, self.result.folder, self.epoch, key, outcome.line(), self._cursor([key])
         )
         self.result.invalid += 1
-        self._note(key, outcome, raw, "invalid, left on the server")
+        self._note(key, outcome, raw, "invalid, left on the server", "invalid")
 
     def _failed(self, key: Key, outcome: Outcome, raw: bytes) -> None:
         self._acknowledge()
@@ -343,10 +378,11 @@ class _Pass:
         )
         if status == "quarantined":
             self.result.quarantined += 1
-            self._note(key, outcome, raw, f"quarantined after {sync.max_tries} tries, left on the server")
+            what = f"quarantined after {sync.max_tries} tries, left on the server"
+            self._note(key, outcome, raw, what, "quarantined")
             return
         self.result.failed += 1
-        self._note(key, outcome, b"", "will be tried again")
+        self._note(key, outcome, b"", "will be tried again", "failed")
         if key not in self.retrying:
             self.failures_in_a_row += 1
         if self.failures_in_a_row >= PAUSE_AFTER_FAILURES:
@@ -358,15 +394,18 @@ class _Pass:
         if outcome.reason is Reason.INTERRUPTED:  # the work is stopping: no error of the folder's
             return
         self.sync.state.error(self.sync.account.name, self.result.folder, outcome.line())
-        self.sync.log(f"{self.where}: paused: {outcome.line()}")
+        line = f"{self.where}: paused: {outcome.line()}"
+        account, folder, code = self.sync.account.name, self.result.folder, outcome.reason.code
+        self.sync.log(about(line, "paused", account=account, folder=folder, code=code, level="warning"))
 
-    def _note(self, key: Key, outcome: Outcome, raw: bytes, what: str) -> None:
+    def _note(self, key: Key, outcome: Outcome, raw: bytes, what: str, event: str) -> None:
         uid: Any = int(key) if key.isdigit() else key  # the JSON summary's "uid", a number for IMAP
         record: Dict[str, Any] = {"uid": uid, "reason": outcome.line(), "what": what}
         if self.sync.failed is not None and raw:
             record["saved_as"] = self.sync.failed.store(raw)[1]
         self.result.failures.append(record)
-        self.sync.log(f"{self.where}: {self.label} {key} {what}: {outcome.line()}")
+        line = f"{self.where}: {self.label} {key} {what}: {outcome.line()}"
+        self.sync.log(self._about(line, event, key, outcome.reason.code, "warning"))
 
 
 def left_alone_line(count: int, start: str) -> str:
