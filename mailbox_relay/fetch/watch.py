@@ -94,9 +94,15 @@ class Pool:
         self.size = size
         self.name = name
         self.threads: List[threading.Thread] = []
+        self._free = 0  # threads waiting for a job (or started for one)
+        self._lock = threading.Lock()
 
     def submit(self, job: Callable[[], None]) -> None:
-        if len(self.threads) < self.size:  # started as needed, never more than size
+        with self._lock:  # a thread is started only when none is free, never more than size
+            start = self._free == 0 and len(self.threads) < self.size
+            if start:
+                self._free += 1
+        if start:
             thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self.threads)}", daemon=True)
             self.threads.append(thread)
             thread.start()
@@ -104,7 +110,12 @@ class Pool:
 
     def _work(self) -> None:
         while True:
-            self.jobs.get()()
+            job = self.jobs.get()
+            with self._lock:
+                self._free -= 1
+            job()
+            with self._lock:
+                self._free += 1
 
 
 class Worker(threading.local):
