@@ -25,6 +25,7 @@ from mailbox_relay.settings import (
     Layers,
     Resolved,
     parse_choice,
+    parse_logins,
     parse_recipients,
     parse_seconds,
     parse_str,
@@ -432,6 +433,12 @@ class Account(Resolved):
     )
     idle_refresh: Field[float] = _field(
         _poll, 90.0, "watch: re-issue IDLE this often, which proves the connection alive (at least 1)."
+    )
+    max_connections: Field[int] = _field(
+        parse_logins,
+        15,
+        "watch: at most this many connections to the account at once (one per folder; Gmail "
+        "allows 15); folders beyond it wait for one.",
     )
     timeout: Field[float] = _field(
         parse_timeout,

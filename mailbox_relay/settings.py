@@ -43,7 +43,7 @@ DELIVER = "deliver"
 IMPORT = "import"
 FETCH = "fetch"  # fetch and watch
 FAILED = "failed"  # import, fetch and watch: where undelivered messages are copied
-WATCH = "watch"  # watch alone
+WATCH = "watch"  # watch only
 LOGS = "logs"  # the commands that log for an operator: import, fetch and watch
 
 PASSWORD_ENV = ("MAILBOX_RELAY_PASSWORD", "INGRESS_PASSWORD")
@@ -118,6 +118,25 @@ MAX_JOBS = 64  # each job is a worker process; more would only exhaust memory
 
 def parse_jobs(value: Any, where: str) -> int:
     return int(_at_least(int(_number(value, where, int, MAX_JOBS)), 1, where, value))
+
+
+MAX_LOGINS = 1000
+
+
+def parse_logins(value: Any, where: str) -> int:
+    return int(_at_least(int(_number(value, where, int, MAX_LOGINS)), 1, where, value))
+
+
+def parse_shard(value: Any, where: str) -> Tuple[int, int]:
+    """K/N: shard K (counted from 0, as a Kubernetes StatefulSet's ordinal) of N."""
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    k, slash, n = text.partition("/")
+    if not (slash and k.isascii() and k.isdigit() and n.isascii() and n.isdigit()):
+        raise ConfigError(f"{where} must be K/N such as 0/3 (shard K of N, K counted from 0), not {value!r}")
+    shard, shards = int(k), int(n)
+    if not 1 <= shards <= 4096 or shard >= shards:
+        raise ConfigError(f"{where} must have 0 <= K < N <= 4096, not {value!r}")
+    return shard, shards
 
 
 def parse_tries(value: Any, where: str) -> int:
@@ -553,10 +572,30 @@ class LogSettings(Resolved):
 
 
 class WatchSettings(Resolved):
-    """What only `watch` has: its health, readiness and metrics endpoint."""
+    """What only `watch` has: how it shares its work out (posts in flight, logins at once, its
+    shard of the accounts) and its health, readiness and metrics endpoint."""
 
     __slots__ = ()
 
+    jobs = ImportSettings.jobs  # one setting: import's deliveries at once, watch's posts in flight
+    logins: Field[int] = Field(
+        parse_logins,
+        20,
+        "Logins at once (at start and after a server restart), so thousands of accounts do not "
+        "hit a server in the same second.",
+        group=WATCH,
+        metavar="N",
+        shown_default="20",
+    )
+    shard: Field[Optional[Tuple[int, int]]] = Field(
+        parse_shard,
+        None,
+        "Watch only shard K of N (K from 0): the accounts whose name hashes (SHA-256) there. N "
+        "watchers with 0/N .. N-1/N split the accounts with no coordinator.",
+        group=WATCH,
+        metavar="K/N",
+        shown_default="every account",
+    )
     listen: Field[Optional[Address]] = Field(
         parse_listen,
         None,

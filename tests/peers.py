@@ -348,14 +348,14 @@ class FaultProxy(threading.Thread):
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RD)
             client.close()
-            upstream.close()
+            _hang_up(upstream)
 
     def fin(self) -> None:
         for client, upstream in self._take():
             with contextlib.suppress(OSError):  # a connection the client already closed
                 client.shutdown(socket.SHUT_RDWR)
             client.close()
-            upstream.close()
+            _hang_up(upstream)
 
     def blackhole(self) -> None:
         """Swallow everything on the current connections, closing nothing (a dead NAT entry);
@@ -372,6 +372,15 @@ class FaultProxy(threading.Thread):
         self._closed.set()
         self.listener.close()
         self.rst()
+
+
+def _hang_up(upstream: socket.socket) -> None:
+    """Close the server's side for real: with its pump thread inside recv, close() alone only
+    drops the descriptor, and the server would keep the connection (and count it against its
+    per-user cap)."""
+    with contextlib.suppress(OSError):
+        upstream.shutdown(socket.SHUT_RDWR)
+    upstream.close()
 
 
 class ScriptedImap(threading.Thread):

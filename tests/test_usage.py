@@ -21,7 +21,7 @@ PEOPLE = {
     "import": ["import", "--job", "2", "x.mbox"],
     "check": ["check", "--timout", "3"],
     "fetch": ["fetch", "--acount", "x"],
-    "watch": ["watch", "--jobs", "2"],
+    "watch": ["watch", "--shard", "3/2"],
     "status": ["status", "--jsn"],
     "auth": ["auth"],
     "serve": ["serve", "--port", "http"],

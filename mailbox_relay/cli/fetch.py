@@ -17,7 +17,17 @@ from mailbox_relay.cli.options import (
 )
 from mailbox_relay.log import Log, nowhere, say
 from mailbox_relay.outcome import FETCH_EXITS, STATUS_EXITS, WATCH_EXITS, Exit
-from mailbox_relay.settings import CONFIG, CONNECTION, DELIVERY, FAILED, FETCH, LOGS, WATCH, FetchSettings
+from mailbox_relay.settings import (
+    CONFIG,
+    CONNECTION,
+    DELIVERY,
+    FAILED,
+    FETCH,
+    LOGS,
+    WATCH,
+    FetchSettings,
+    WatchSettings,
+)
 
 ACCOUNTS = """
 IMAP accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
@@ -39,9 +49,12 @@ pauses that folder until the next run.
 
 WATCH_HELP = f"""Stay connected and deliver each message as it arrives (IMAP IDLE, or polling).
 {ACCOUNTS}
-One process serves every account and folder. It logs one line per event to stderr, never
-exits on network, IMAP or ingress trouble (it reconnects with backoff and catches up), and on
-SIGTERM or Ctrl-C finishes the delivery in flight, logs out and exits 0.
+One process serves every account and folder, on one event loop. It logs one line per event
+to stderr, never exits on network, IMAP or ingress trouble (it reconnects with backoff and
+catches up), and on SIGTERM or Ctrl-C finishes the deliveries in flight (cut after a moment),
+logs out and exits 0. SIGHUP reads the config again: added accounts and folders start, removed
+ones log out, changed ones reconnect, the others keep their connections; a config that no
+longer parses changes nothing (one line says why).
 
 {exit_codes_help(WATCH_EXITS)}"""
 
@@ -132,6 +145,7 @@ def _release(context: Any, log: Log) -> None:
     verbose="Log every setting and where it came from, and each account's settings, to stderr at "
     "start. Never logs a password or token.",
 )
+@field_options(WatchSettings.jobs)
 def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
     from mailbox_relay.fetch.once import open_context
     from mailbox_relay.fetch.watch import run_watch
@@ -146,12 +160,13 @@ def watch(accounts: Tuple[str, ...], verbose: bool, **options: Any) -> Exit:
     if verbose:
         for line in context.describe():
             log(line)
-    names = ", ".join(f"{a.name} ({', '.join(a.folders)})" for a in context.accounts)
+    if len(context.accounts) <= 20:
+        names = ", ".join(f"{a.name} ({', '.join(a.folders)})" for a in context.accounts)
+    else:
+        names = f"{len(context.accounts)} accounts ({sum(len(a.folders) for a in context.accounts)} folders)"
     log(f"watching {names}; delivering to {context.settings.url}")
-    # INTEGRATION (issue 20 + 21): run_watch builds the loop; it must call
-    # fetch/operate.attach(watch, listen, os.environ) before the loop runs (see the report).
-    del listen
-    return run_watch(context, log)
+    # SIGHUP reads the config again, with the same options and environment
+    return run_watch(context, log, lambda: open_context(options, os.environ, accounts), listen=listen)
 
 
 @click.command(help=STATUS_HELP, short_help="What fetch and watch have done, per account and folder.")

@@ -1,13 +1,9 @@
-"""What watch reports as it runs, for whoever listens (health, metrics, status, logs).
-
-STUB from the issue-20/issue-21 contract (/tmp/watch_contract.md): issue 20 owns this file, and
-its version replaces this one at the merge. Only Fanout's bodies (and `add`, which the contract
-names) are filled in here, so issue 21's observers can be tested before the merge.
-"""
+"""What watch reports as it runs, for whoever listens (health, metrics, status, logs)."""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional  # noqa: F401  (the contract's imports)
+import threading
+from typing import Any, List
 
 
 class WatchEvents:
@@ -18,18 +14,19 @@ class WatchEvents:
     def folder_removed(self, account: str, folder: str) -> None: ...
     def connecting(self, account: str, folder: str) -> None: ...
     def connected(self, account: str, folder: str) -> None: ...
-    def round_trip(self, account: str, folder: str) -> None: ...  # any server answer
+    # any server answer: a pass, an IDLE (re)issue or its answer, a NOOP
+    def round_trip(self, account: str, folder: str) -> None: ...
     # cause: "reset" | "closed" | "timeout" | "error" | "token" | "reload"
     def lost(self, account: str, folder: str, cause: str) -> None: ...
-    def backoff(self, account: str, folder: str, reason: str, seconds: float) -> None: ...
-    def paused(self, account: str, folder: str, reason: str) -> None: ...
-    def delivered(self, account: str, folder: str, seconds: float) -> None: ...
-    def failed(self, account: str, folder: str, code: str) -> None: ...
+    def backoff(self, account: str, folder: str, reason: str, seconds: float) -> None: ...  # a known wait
+    def paused(self, account: str, folder: str, reason: str) -> None: ...  # waiting for a person
+    def delivered(self, account: str, folder: str, seconds: float) -> None: ...  # one message, its post
+    def failed(self, account: str, folder: str, code: str) -> None: ...  # enhanced status code ("4.3.0")
     def invalid(self, account: str, folder: str) -> None: ...
     def quarantined(self, account: str, folder: str) -> None: ...
-    def backlog(self, account: str, folder: str, count: int) -> None: ...
+    def backlog(self, account: str, folder: str, count: int) -> None: ...  # seen, not yet acknowledged
     def grant(self, account: str, state: str) -> None: ...  # "ok" | "refused" | "renewing"
-    def first_round_done(self) -> None: ...
+    def first_round_done(self) -> None: ...  # every folder connected or failed at least once
     def reloading(self) -> None: ...
     def reloaded(self) -> None: ...
     def stopping(self) -> None: ...
@@ -39,18 +36,68 @@ class Fanout(WatchEvents):
     """Several observers as one."""
 
     def __init__(self, *observers: WatchEvents) -> None:
-        self.observers: List[WatchEvents] = list(observers)
+        self._observers: List[WatchEvents] = list(observers)
+        self._lock = threading.Lock()
 
     def add(self, observer: WatchEvents) -> None:
-        self.observers.append(observer)
+        """Before `Watch.run()`, or at any time: the next event reaches it."""
+        with self._lock:
+            self._observers = [*self._observers, observer]  # a new list: callers iterate the old
 
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("_") or name not in vars(WatchEvents):
-            return object.__getattribute__(self, name)
-        observers = object.__getattribute__(self, "observers")
+    def _each(self, name: str, *args: Any) -> None:
+        for observer in self._observers:
+            getattr(observer, name)(*args)
 
-        def every(*args: Any) -> None:
-            for observer in observers:
-                getattr(observer, name)(*args)
+    def folder_added(self, account: str, folder: str) -> None:
+        self._each("folder_added", account, folder)
 
-        return every
+    def folder_removed(self, account: str, folder: str) -> None:
+        self._each("folder_removed", account, folder)
+
+    def connecting(self, account: str, folder: str) -> None:
+        self._each("connecting", account, folder)
+
+    def connected(self, account: str, folder: str) -> None:
+        self._each("connected", account, folder)
+
+    def round_trip(self, account: str, folder: str) -> None:
+        self._each("round_trip", account, folder)
+
+    def lost(self, account: str, folder: str, cause: str) -> None:
+        self._each("lost", account, folder, cause)
+
+    def backoff(self, account: str, folder: str, reason: str, seconds: float) -> None:
+        self._each("backoff", account, folder, reason, seconds)
+
+    def paused(self, account: str, folder: str, reason: str) -> None:
+        self._each("paused", account, folder, reason)
+
+    def delivered(self, account: str, folder: str, seconds: float) -> None:
+        self._each("delivered", account, folder, seconds)
+
+    def failed(self, account: str, folder: str, code: str) -> None:
+        self._each("failed", account, folder, code)
+
+    def invalid(self, account: str, folder: str) -> None:
+        self._each("invalid", account, folder)
+
+    def quarantined(self, account: str, folder: str) -> None:
+        self._each("quarantined", account, folder)
+
+    def backlog(self, account: str, folder: str, count: int) -> None:
+        self._each("backlog", account, folder, count)
+
+    def grant(self, account: str, state: str) -> None:
+        self._each("grant", account, state)
+
+    def first_round_done(self) -> None:
+        self._each("first_round_done")
+
+    def reloading(self) -> None:
+        self._each("reloading")
+
+    def reloaded(self) -> None:
+        self._each("reloaded")
+
+    def stopping(self) -> None:
+        self._each("stopping")

@@ -20,7 +20,7 @@ from mailbox_relay.log import Log, about, nowhere
 from mailbox_relay.maildir import MaildirWriter, open_failed_dir
 from mailbox_relay.message import Prepared
 from mailbox_relay.outcome import ConfigError, Exit
-from mailbox_relay.settings import FetchSettings, open_layers
+from mailbox_relay.settings import FetchSettings, WatchSettings, open_layers
 from mailbox_relay.sources import connect
 from mailbox_relay.sources.mailbox import SourceProblem, describe
 from mailbox_relay.state.folders import FetchState, FolderBusy, StateProblem, default_path
@@ -39,9 +39,11 @@ class FetchContext:
     accounts: List[Account]
     state_path: str
     failed: Optional[MaildirWriter]
+    watch: WatchSettings
 
     def describe(self) -> List[str]:
-        lines = [*self.fetch.describe(), *self.settings.describe(), f"state {self.state_path}"]
+        lines = [*self.fetch.describe(), *self.watch.describe(), *self.settings.describe()]
+        lines.append(f"state {self.state_path}")
         return lines + [line for account in self.accounts for line in account.describe()]
 
     def open_state(self) -> FetchState:
@@ -79,10 +81,12 @@ def open_context(
     """Everything `fetch` and `watch` need, checked before any connection. Raises ConfigError."""
     layers = open_layers(options, environ)
     fetch = FetchSettings.resolve(layers)
+    watch = WatchSettings.resolve(layers)  # a mistyped --shard is a usage error before anything else
     settings = target_from(layers)
     accounts = load_accounts(layers, names)
     failed = open_failed_dir(fetch.failed_dir, fetch.sources.get("failed_dir", "default"))
-    return FetchContext(settings, fetch, accounts, fetch.fetch_state or default_path(environ), failed)
+    path = fetch.fetch_state or default_path(environ)
+    return FetchContext(settings, fetch, accounts, path, failed, watch)
 
 
 def make_post(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set
 
 from mailbox_relay.accounts import Account, After
+from mailbox_relay.fetch.events import WatchEvents
 from mailbox_relay.log import Log, about, nowhere
 from mailbox_relay.maildir import MaildirWriter
 from mailbox_relay.message import Prepared, prepare
@@ -104,6 +105,7 @@ class FolderSync:
         self.stopping = stopping
         self.lock_wait = lock_wait  # for another process's pass over the same folder to end
         self.heartbeat: Callable[[], None] = lambda: None  # after each batch: the server answered
+        self.listener = WatchEvents()  # watch's listeners: deliveries, failures, the backlog
 
     def run(self, source: Source, name: str) -> FolderResult:
         """One pass, holding the folder's lock (FolderBusy if another process holds it). A state
@@ -153,8 +155,10 @@ class FolderSync:
         # New mail first: messages that failed before must never hold it up.
         todo = new + due
         result.found = len(todo)
+        self.listener.backlog(account, name, len(todo))
         run = _Pass(self, source, opened.epoch, result, listing, set(due))
         run.deliver(todo)
+        self.listener.backlog(account, name, run.backlog)
         stopped_early = result.paused is not None or self.stopping()
         if not stopped_early and listing.final is not None:
             state.advance(account, name, listing.final)  # the whole listing is handled
@@ -232,6 +236,13 @@ class _Pass:
         self.accepted: List[Key] = []  # delivered, not yet acknowledged nor recorded
 
     @property
+    def backlog(self) -> int:
+        """Found in this pass, not yet handled."""
+        result = self.result
+        handled = result.delivered + result.invalid + result.failed + result.quarantined + result.gone
+        return max(0, result.found - handled)
+
+    @property
     def done(self) -> bool:
         return self.result.paused is not None or self.sync.stopping()
 
@@ -248,6 +259,7 @@ class _Pass:
                     self._one(key, bodies.pop(key, None))
                 self._acknowledge()
                 self.sync.heartbeat()
+                self.sync.listener.backlog(self.sync.account.name, self.result.folder, self.backlog)
 
     def _cursor(self, keys: Sequence[Key]) -> Optional[str]:
         """The cursor once `keys` (the last handled, in order) are recorded: the furthest of their
@@ -346,6 +358,7 @@ class _Pass:
         self.accepted.append(key)
         self.result.delivered += 1
         self.failures_in_a_row = 0
+        self.sync.listener.delivered(self.sync.account.name, self.result.folder, seconds)
         line = f"{self.where}: {self.label} {key} delivered ({size} bytes in {seconds:.2f}s)"
         self.sync.events(self._about(line, "delivered", key))
 
@@ -362,6 +375,7 @@ class _Pass:
             sync.account.name, self.result.folder, self.epoch, key, outcome.line(), self._cursor([key])
         )
         self.result.invalid += 1
+        self.sync.listener.invalid(sync.account.name, self.result.folder)
         self._note(key, outcome, raw, "invalid, left on the server", "invalid")
 
     def _failed(self, key: Key, outcome: Outcome, raw: bytes) -> None:
@@ -376,8 +390,10 @@ class _Pass:
             sync.max_tries,
             self._cursor([key]),
         )
+        sync.listener.failed(sync.account.name, self.result.folder, outcome.reason.code)
         if status == "quarantined":
             self.result.quarantined += 1
+            sync.listener.quarantined(sync.account.name, self.result.folder)
             what = f"quarantined after {sync.max_tries} tries, left on the server"
             self._note(key, outcome, raw, what, "quarantined")
             return
@@ -393,6 +409,7 @@ class _Pass:
         self.result.paused = outcome.line()
         if outcome.reason is Reason.INTERRUPTED:  # the work is stopping: no error of the folder's
             return
+        self.sync.listener.failed(self.sync.account.name, self.result.folder, outcome.reason.code)
         self.sync.state.error(self.sync.account.name, self.result.folder, outcome.line())
         line = f"{self.where}: paused: {outcome.line()}"
         account, folder, code = self.sync.account.name, self.result.folder, outcome.reason.code

@@ -26,6 +26,7 @@ import email.utils
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -627,9 +628,20 @@ class GraphSource:
     def waiting(self) -> str:
         return f"polling every {self.account.poll_interval:g}s"
 
-    def wait(self, until: float, stop: threading.Event) -> None:
-        """Graph has no push a relay behind NAT could receive: the next delta round is the news."""
-        stop.wait(max(0.0, min(until, time.monotonic() + self.account.poll_interval) - time.monotonic()))
+    def start_waiting(self) -> Optional[socket.socket]:
+        """Graph has no push a relay behind NAT could receive: watch polls, and the next delta
+        round is the news (and the round trip)."""
+        return None
+
+    def readable(self) -> bool:
+        return False  # never called: there is no socket to watch while waiting
+
+    def stop_waiting(self) -> None:
+        """Nothing to end: the pass that follows is the round trip."""
+
+    @property
+    def refresh_every(self) -> float:
+        return float(self.account.poll_interval)
 
     def replace_at(self) -> Optional[float]:
         return None  # each request takes a current token

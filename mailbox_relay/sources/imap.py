@@ -15,11 +15,9 @@ import functools
 import imaplib
 import logging
 import re
-import select
 import socket
 import ssl
 import threading
-import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from mailbox_relay.accounts import Account, After
@@ -32,7 +30,6 @@ logging.getLogger("imapclient").propagate = False
 
 PIECE = 4 * 1024 * 1024  # larger messages are fetched in pieces of this size
 MIN_RATE = 64 * 1024  # bytes a second a body fetch must keep up, beyond `timeout` (see Connection.reading)
-TICK = 0.5  # how often a waiting watch looks at its stop flag (until watch has one event loop)
 KEEPALIVE = (60, 15, 4)  # idle seconds, interval, probes: a peer gone silent is noticed in ~2 min
 
 
@@ -225,6 +222,7 @@ def _cut(account: Account, command: str, guard: Any) -> ImapProblem:
         "network",
         f"{account.host}: no answer to {command} within {guard.seconds:.3g}s "
         "(the server is too slow or the connection hangs); trying again later",
+        cause="timeout",
     )
 
 
@@ -317,6 +315,10 @@ class Connection:
                 raise self.lost from None
             raise
 
+    def raw(self, command: str, step: Callable[[], None]) -> None:
+        """A step of ours on the raw socket (IDLE, DONE), bounded and failing like a command."""
+        self._run(command.lower() if command != "DONE" else "idle_done", lambda: step())
+
     def _socket(self) -> Optional[socket.socket]:
         try:
             return self.client.socket()  # type: ignore[no-any-return]
@@ -350,8 +352,19 @@ def _lost(account: Account, command: str, error: BaseException) -> ImapProblem:
             return ImapProblem(
                 "unavailable", f"{account.host} refused the login for now ({why}); trying again later"
             )
-        return ImapProblem("network", f"connection to {account.host} lost at login: {why}")
-    return ImapProblem("network", f"connection to {account.host} lost during {command}: {why}")
+        return ImapProblem("network", f"connection to {account.host} lost at login: {why}", _cause(error))
+    return ImapProblem("network", f"connection to {account.host} lost during {command}: {why}", _cause(error))
+
+
+def _cause(error: BaseException) -> str:
+    """How a connection was lost, for watch's listeners."""
+    if isinstance(error, socket.timeout):
+        return "timeout"
+    if isinstance(error, (ConnectionResetError, BrokenPipeError)):
+        return "reset"
+    if isinstance(error, (EOFError, imaplib.IMAP4.abort, ssl.SSLError)):
+        return "closed"
+    return "error"
 
 
 # --- login ------------------------------------------------------------------------------------
@@ -594,6 +607,123 @@ def folder_refused(client: Any, account: Account, name: str, error: BaseExceptio
     return True, f"there is no folder {name!r} in account {account.name}; it has: {listed or 'no folders'}"
 
 
+class _Idle:
+    """One IDLE command, read by us: IMAPClient's idle_check swallows EOF and socket errors and
+    answers "nothing new" (a dropped connection would spin), and its buffered reader can lose a
+    partial line on a non-blocking socket. Commands stay IMAPClient's (they are bounded, parsed
+    and tested); only the IDLE's lines are ours, from the raw socket (an SSLSocket's recv gives
+    decrypted bytes; reading until it would block also empties what TLS holds decrypted, which
+    select() cannot see). Complete lines only: a partial one waits in `pending`."""
+
+    def __init__(self, connection: Connection, account: Account) -> None:
+        self.connection = connection
+        self.account = account
+        self.imap: Any = connection.client._imap
+        self.sock: socket.socket = connection.socket()
+        self.tag: bytes = self.imap._new_tag()
+        self.imap.tagged_commands.pop(self.tag, None)  # answered here, never by imaplib
+        self.pending = bytearray()
+        self.news = False
+        self.ended = False  # the server answered the IDLE itself (it ended it): no DONE
+        self.timeout = self.sock.gettimeout()
+
+    def start(self) -> socket.socket:
+        self.connection.raw("IDLE", self._start)
+        return self.sock
+
+    def _start(self) -> None:
+        self.pending += _read_ahead(self.imap)
+        self.sock.sendall(self.tag + b" IDLE\r\n")
+        self.sock.settimeout(self.account.timeout)
+        while True:
+            line = self._line()
+            if line.startswith(b"+"):
+                break
+            if self._answer(line):  # refused: reconnecting is the one cure we have
+                raise EOFError(f"the server refused IDLE: {line.decode('utf-8', 'replace').strip()}")
+        self.sock.setblocking(False)
+
+    def readable(self) -> bool:
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise self._lost(EOFError("the server closed the connection"), "closed")
+                self.pending += chunk
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # all there was
+        except ImapProblem:
+            raise
+        except ssl.SSLError as error:
+            raise self._lost(error, "closed") from None
+        except OSError as error:
+            raise self._lost(error, "reset") from None
+        while b"\r\n" in self.pending:
+            line, _, rest = bytes(self.pending).partition(b"\r\n")
+            self.pending = bytearray(rest)
+            if line.startswith(b"* BYE"):
+                said = line[5:].decode("utf-8", "replace").strip()
+                raise self._lost(EOFError(f"the server said goodbye ({said})"), "closed")
+            self._answer(line)
+        return self.news
+
+    def _lost(self, error: BaseException, cause: str) -> ImapProblem:
+        """Every later command on the connection raises this too."""
+        problem = ImapProblem(
+            "network", f"{self.account.host}: connection lost during IDLE ({describe(error)})", cause
+        )
+        self.connection.lost = problem
+        return problem
+
+    def stop(self) -> None:
+        self.connection.raw("DONE", self._stop)
+
+    def _stop(self) -> None:
+        self.sock.settimeout(self.account.timeout)
+        try:
+            if not self.ended:
+                self.sock.sendall(b"DONE\r\n")
+                while not self._answer(self._line()):
+                    pass
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    def _answer(self, line: bytes) -> bool:
+        """One line while idling; True for the tagged answer to our IDLE."""
+        if line.startswith(self.tag + b" "):
+            self.ended = self.news = True
+            return True
+        if not line.startswith(b"* OK"):  # "* OK Still here" is a keep-alive, not news
+            self.news = True
+        return False
+
+    def _line(self) -> bytes:
+        """The next whole line, blocking (under the command's deadline)."""
+        while b"\r\n" not in self.pending:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("the server closed the connection")
+            self.pending += chunk
+        line, _, rest = bytes(self.pending).partition(b"\r\n")
+        self.pending = bytearray(rest)
+        return line
+
+
+def _read_ahead(imap: Any) -> bytes:
+    """What imaplib's buffered reader already holds (normally nothing), taken so no line is lost
+    when we read the raw socket. Never blocks: the socket is non-blocking meanwhile."""
+    sock = imap.sock
+    previous = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        data = imap.file.peek(65536)
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        data = b""
+    finally:
+        sock.settimeout(previous)
+    return bytes(imap.file.read(len(data))) if data else b""
+
+
 class ImapSource:
     """One account over one IMAP connection, as fetch and watch see every source (see
     sources/mailbox.py): keys are UIDs, the epoch is UIDVALIDITY, the cursor the last handled
@@ -608,6 +738,7 @@ class ImapSource:
         self.name = ""
         self._target_checked = False
         self._idle: Optional[bool] = None
+        self._idling: Optional[_Idle] = None  # the IDLE in progress (watch)
 
     # --- a pass --------------------------------------------------------------------------------
 
@@ -770,34 +901,31 @@ class ImapSource:
     def waiting(self) -> str:
         return "IDLE" if self.idle else f"polling every {self.account.poll_interval:g}s"
 
-    def wait(self, until: float, stop: threading.Event) -> None:
-        """IDLE until something arrives, `idle_refresh` passes, `until`, or stop; or a NOOP
-        after `poll_interval` where the server has no IDLE. Either is a server round-trip that
-        proves the connection alive."""
-        if self.idle:
-            self._idle_wait(min(time.monotonic() + self.account.idle_refresh, until), stop)
+    @property
+    def refresh_every(self) -> float:
+        """Seconds between round trips that prove the connection alive while waiting."""
+        return self.account.idle_refresh if self.idle else self.account.poll_interval
+
+    def start_waiting(self) -> Optional[socket.socket]:
+        """IDLE (bounded by `timeout`) and the socket to watch for its news; None where the
+        server has no IDLE (the watch polls: stop_waiting is then a NOOP)."""
+        if not self.idle:
+            return None
+        self._idling = _Idle(self.client, self.account)
+        return self._idling.start()
+
+    def readable(self) -> bool:
+        """What the IDLE socket holds, read without blocking: True once news came (or the server
+        ended IDLE). A FIN, an RST or a TLS close raises ImapProblem("network") at once."""
+        return self._idling.readable() if self._idling is not None else True
+
+    def stop_waiting(self) -> None:
+        """DONE and its answer (IDLE), or a NOOP (polling): a round trip bounded by `timeout`."""
+        idling, self._idling = self._idling, None
+        if idling is not None:
+            idling.stop()
         else:
-            self._poll_wait(min(time.monotonic() + self.account.poll_interval, until), stop)
-
-    def _idle_wait(self, wake: float, stop: threading.Event) -> None:
-        """A connection the server closed or reset is noticed at once: IMAPClient's idle_check
-        swallows EOF and answers "nothing new", which would otherwise spin until the next
-        IDLE re-issue."""
-        self.client.idle()
-        try:
-            while not stop.is_set() and time.monotonic() < wake:
-                if self.client.idle_check(timeout=TICK):
-                    return  # EXISTS, EXPUNGE, FETCH...: a pass now
-                if _closed_by_peer(self.client.socket()):
-                    raise ConnectionResetError("the server closed the connection")
-        finally:
-            if not _closed_by_peer(self.client.socket()):
-                self.client.idle_done()  # bounded by `timeout`: a dead line raises
-
-    def _poll_wait(self, wake: float, stop: threading.Event) -> None:
-        while not stop.is_set() and time.monotonic() < wake:
-            stop.wait(min(TICK, max(0.0, wake - time.monotonic())))
-        self.client.noop()
+            self.client.noop()
 
     def replace_at(self) -> Optional[float]:
         return session_replace_at(self.client)
@@ -809,16 +937,3 @@ class ImapSource:
 def connect_source(account: Account) -> ImapSource:
     """The account's IMAP source, logged in (see sources/mailbox.py)."""
     return ImapSource(connect(account), account)
-
-
-def _closed_by_peer(sock: socket.socket) -> bool:
-    """True when the server has closed (FIN) or reset (RST) the connection: the socket is
-    readable, and a peek at the raw bytes (under TLS too) finds the end or an error."""
-    try:
-        if not select.select([sock], [], [], 0)[0]:
-            return False
-        return not socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    except (OSError, ValueError):  # reset, or already shut down by a deadline
-        return True

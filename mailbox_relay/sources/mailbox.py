@@ -19,11 +19,11 @@ the state, and the rules never look inside a key or a cursor.
 from __future__ import annotations
 
 import datetime
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:  # a runtime Protocol class costs its creation at import; only mypy needs it
+    import socket
     from typing import Protocol
 
     from mailbox_relay.accounts import Account, After
@@ -34,12 +34,14 @@ Key = str  # one message within a folder and an epoch: IMAP's UID, POP3's UIDL, 
 class SourceProblem(Exception):
     """Why a source could not connect, log in, open a folder or go on. `kind` says who can fix
     it: "login", "grant", "tls", "folder" need a person; "network", "unavailable" pass by
-    themselves. The line says what to do next."""
+    themselves. The line says what to do next. `cause` says how a connection was lost, for
+    watch's listeners: "reset", "closed", "timeout" or "error"."""
 
-    def __init__(self, kind: str, line: str) -> None:
+    def __init__(self, kind: str, line: str, cause: str = "error") -> None:
         super().__init__(line)
         self.kind = kind
         self.line = line
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -102,14 +104,34 @@ if TYPE_CHECKING:
             """`after` (keep, seen, move, delete) for keys the ingress accepted."""
             ...
 
-        def wait(self, until: float, stop: threading.Event) -> None:
-            """watch: return when news may have come, at `until` (time.monotonic()), or at stop;
-            a lost connection raises. A source without push polls."""
+        # watch waits on every connection at once, in one event loop: a source tells it which
+        # socket to watch, reads what came without blocking, and ends the wait with a round trip.
+
+        def start_waiting(self) -> Optional[socket.socket]:
+            """Start waiting for news (IMAP: IDLE, bounded by `timeout`) and return the socket
+            whose readability means something came; None for a source that polls (watch then
+            calls stop_waiting every `refresh_every` seconds and passes over the folder)."""
+            ...
+
+        def readable(self) -> bool:
+            """The socket is readable: read what is there without blocking. True when news came
+            (a pass is due); a lost connection (FIN, RST, TLS close) raises SourceProblem
+            ("network") at once. Also answers for what start_waiting read ahead."""
+            ...
+
+        def stop_waiting(self) -> None:
+            """End the wait with a round trip bounded by `timeout` (IMAP: DONE and its answer;
+            polling: NOOP), which proves the connection alive; the source can then pass."""
+            ...
+
+        @property
+        def refresh_every(self) -> float:
+            """Seconds between those round trips while waiting (idle_refresh, poll_interval)."""
             ...
 
         @property
         def waiting(self) -> str:
-            """How `wait` waits, for the log: "IDLE", "polling every 60s"."""
+            """How it waits, for the log: "IDLE", "polling every 60s"."""
             ...
 
         def replace_at(self) -> Optional[float]:

@@ -25,15 +25,12 @@ import poplib
 import re
 import socket
 import ssl
-import threading
-import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, TypeVar
 
 from mailbox_relay.accounts import POP3_FOLDER, Account, After
 from mailbox_relay.outcome import ConfigError
 from mailbox_relay.sources.imap import (
     MIN_RATE,
-    TICK,
     _bounded,
     _keepalive,
     _open_socket,
@@ -489,16 +486,23 @@ class Pop3Source:
     def waiting(self) -> str:
         return f"polling every {self.account.poll_interval:g}s, a new POP3 session each time"
 
-    def wait(self, until: float, stop: threading.Event) -> None:
-        """QUIT now (the DELEs take effect, the maildrop is free), and log in again when
-        `poll_interval` or `until` has passed: that login is the round trip that proves the
-        server there, and the new session sees what arrived meanwhile."""
+    def start_waiting(self) -> Optional[socket.socket]:
+        """QUIT now (the DELEs take effect, the maildrop is free for other readers); POP3 has
+        no push, so watch polls: it calls stop_waiting every `poll_interval` seconds."""
         self.close()
-        wake = min(time.monotonic() + self.account.poll_interval, until)
-        while not stop.is_set() and time.monotonic() < wake:
-            stop.wait(min(TICK, max(0.0, wake - time.monotonic())))
-        if not stop.is_set():
-            self._session()
+        return None
+
+    def readable(self) -> bool:
+        return False  # never called: there is no socket to watch while waiting
+
+    def stop_waiting(self) -> None:
+        """Log in again: the round trip that proves the server there; the new session sees
+        what arrived meanwhile (a POP3 server shows it only to a new session)."""
+        self._session()
+
+    @property
+    def refresh_every(self) -> float:
+        return float(self.account.poll_interval)
 
     def replace_at(self) -> Optional[float]:
         return None  # a new session, with a token current then, at every poll

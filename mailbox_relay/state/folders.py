@@ -262,6 +262,13 @@ class FetchState:
             folder,
         )
 
+    def heartbeats(self, pid: Optional[int], folders: Sequence[Tuple[str, str, float]]) -> None:
+        """`watching` for many (account, folder, fresh_for) in one transaction: a watch of
+        thousands of folders writes their heartbeats in batches, not one commit each."""
+        with self._transaction():
+            for account, folder, fresh_for in folders:
+                self.watching(account, folder, pid, fresh_for)
+
     # --- messages --------------------------------------------------------------------------
     # `cursor`: the source's cursor once this message (and every one before it) is handled;
     # None leaves it (a retried message, or a source that moves it only at the end).
