@@ -39,6 +39,11 @@ class Fanout(WatchEvents):
         self._observers: List[WatchEvents] = list(observers)
         self._lock = threading.Lock()
 
+    @property
+    def observers(self) -> List[WatchEvents]:
+        """Who hears the events, in order."""
+        return list(self._observers)
+
     def add(self, observer: WatchEvents) -> None:
         """Before `Watch.run()`, or at any time: the next event reaches it."""
         with self._lock:
