@@ -30,14 +30,16 @@ from mailbox_relay.settings import (
 )
 
 ACCOUNTS = """
-IMAP accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
-IMAP"). Messages are read with BODY.PEEK[] (nothing is marked \\Seen), sent exactly as
-stored, and `after` (keep, seen, delete, move:FOLDER) is applied only once the ingress
-answered 2xx. The state (per account and folder: UIDVALIDITY and the last delivered UID)
-makes every run catch up from where the last one stopped, however long ago.
+Accounts are [accounts.NAME] tables of the config file (see the README, "Fetching from
+IMAP"): IMAP (source = "imap", the default), POP3 (source = "pop3") or Microsoft Graph
+(source = "graph"). Messages are sent exactly as the server stores them (IMAP reads with
+BODY.PEEK[], so nothing is marked \\Seen; Graph's download is spooled once), and `after`
+(keep, seen, delete, move:FOLDER) is applied only once the ingress answered 2xx. The state
+(per account and folder: where delivery has got, failures, quarantine) makes every run catch
+up from where the last one stopped, however long ago.
 """
 
-FETCH_HELP = f"""Fetch new mail from every IMAP account (or those named) once, then exit.
+FETCH_HELP = f"""Fetch new mail from every account (or those named) once, then exit.
 {ACCOUNTS}
 A message the ingress refuses on its own (a 500 for that message only) is tried again on
 later runs with growing delays, and quarantined after --max-tries once other messages got
@@ -70,7 +72,7 @@ timeout), not merely while its process exists. Changes nothing.
 _ACCOUNT = account_option("Only this account (repeatable); all accounts by default.")
 
 
-@click.command(help=FETCH_HELP, short_help="Fetch new IMAP mail once (cron, systemd timers).")
+@click.command(help=FETCH_HELP, short_help="Fetch new mail once: IMAP, POP3, Graph (cron, systemd timers).")
 @_ACCOUNT
 @settings_options(
     CONNECTION,
@@ -133,7 +135,7 @@ def _release(context: Any, log: Log) -> None:
         state.close()
 
 
-@click.command(help=WATCH_HELP, short_help="Deliver IMAP mail as it arrives (IDLE), reconnecting forever.")
+@click.command(help=WATCH_HELP, short_help="Deliver mail as it arrives (IMAP IDLE, or polling); reconnects.")
 @_ACCOUNT
 @settings_options(
     CONNECTION,
