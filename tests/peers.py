@@ -255,6 +255,7 @@ class FaultProxy(threading.Thread):
         self.pairs: List[Tuple[socket.socket, socket.socket]] = []
         self.holed: Set[socket.socket] = set()  # connections whose bytes are swallowed
         self.hide: List[bytes] = []  # removed from what the server says (b" IDLE": no IDLE)
+        self.drop_lines: List[bytes] = []  # server lines holding one of these are never sent
         self.connections = 0
         self.trickle: Optional[Tuple[bytes, float]] = None
         self.trickling: Set[socket.socket] = set()  # client sides whose answers trickle
@@ -305,6 +306,11 @@ class FaultProxy(threading.Thread):
                     if from_server:
                         for word in self.hide:
                             data = data.replace(word, b"")
+                        if self.drop_lines:  # a notification the server "never sent"
+                            lines = data.splitlines(keepends=True)
+                            data = b"".join(
+                                line for line in lines if not any(p in line for p in self.drop_lines)
+                            )
                     elif self.cut_before is not None and self.cut_before in data:
                         self.cuts += 1
                         self.rst()

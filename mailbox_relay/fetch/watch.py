@@ -542,9 +542,12 @@ class FolderWatcher:
         self._beat()
         now = time.monotonic()
         refresh = self.source.refresh_every
-        self._timer(refresh, lambda: self._wake(pass_after=sock is None))
+        # Every re-issue is followed by a pass (catching up by UID), not only a poll: a server
+        # may send news with DONE's answer, or never (a notification lost while a connection
+        # was hibernated), and a message must then wait at most idle_refresh, not forever.
+        self._timer(refresh, self._wake)
         if self.wake_at < float("inf"):
-            self._timer(max(self.wake_at, self.paused_until) - now, lambda: self._wake(pass_after=True))
+            self._timer(max(self.wake_at, self.paused_until) - now, self._wake)
         if self.session_ends < float("inf"):
             self._timer(self.session_ends - now, self._session_ends)
         if sock is None:
@@ -564,12 +567,12 @@ class FolderWatcher:
             self._job(self.watch.round_trips, lambda: self._lost_job(lost))
             return
         if news:
-            self._wake(pass_after=True)
+            self._wake()
 
-    def _wake(self, pass_after: bool) -> None:
-        """News, a poll or a retry (pass_after), or the IDLE re-issue: end the wait first."""
+    def _wake(self) -> None:
+        """News, a poll, a retry or the IDLE re-issue (each then passes): end the wait first."""
         self._unwait()
-        self._job(self.watch.round_trips, lambda: self._stop_waiting_job(pass_after))
+        self._job(self.watch.round_trips, self._stop_waiting_job)
 
     def _session_ends(self) -> None:
         self._unwait()
@@ -735,7 +738,7 @@ class FolderWatcher:
         self.events.round_trip(self.account.name, self.folder)
         return lambda: self._wait(sock)
 
-    def _stop_waiting_job(self, pass_after: bool) -> Step:
+    def _stop_waiting_job(self) -> Step:
         source = self.source
         assert source is not None
         self.idling = False
@@ -744,7 +747,7 @@ class FolderWatcher:
         except SourceProblem as problem:
             return self._lost_job(problem)
         self.events.round_trip(self.account.name, self.folder)
-        return self._pass if pass_after else self._start_waiting
+        return self._pass
 
     def _lost_job(self, problem: SourceProblem) -> Step:
         """The connection broke or a command was refused: close it; when to connect again."""
