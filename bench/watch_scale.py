@@ -209,6 +209,7 @@ class Run:
         self.config = directory / f"config-{size}.toml"
         self.state = directory / f"state-{size}.sqlite3"
         self.figures: Dict[str, float] = {}
+        self.appended: Dict[bytes, Tuple[str, float]] = {}  # Message-ID: its user, when appended
         self.notes: List[str] = []
         self.process: Optional[subprocess.Popen[bytes]] = None
 
@@ -261,6 +262,7 @@ class Run:
             for kind in ("rst", "fin"):
                 self.fault(kind)
             self.resets(cycles)
+            self.late(100)  # past idle_refresh (90 s), whose pass would find a missed message
             self.terminate()
         finally:
             if self.process.poll() is None:
@@ -287,10 +289,26 @@ class Run:
         appended = time.monotonic()
         client.logout()
         key = f"bench-{number}@example.com".encode()
+        self.appended[key] = (user, appended)
         while key not in self.recorder.arrivals and time.monotonic() < appended + wait:
             time.sleep(0.002)
         time.sleep(0.05)
         return self.recorder.arrivals.get(key, float("inf")) - appended
+
+    def late(self, wait: float) -> None:
+        """Messages that missed their wait: when (or whether) they came, and what watch said."""
+        missing = [key for key in self.appended if key not in self.recorder.arrivals]
+        deadline = time.monotonic() + wait
+        while missing and any(key not in self.recorder.arrivals for key in missing):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for key in missing:
+            user, appended = self.appended[key]
+            came = self.recorder.arrivals.get(key)
+            when = f"arrived after {came - appended:.1f} s" if came else f"had not arrived after {wait:g} s"
+            said = [line for line in self.text().splitlines() if f"{user}/" in line]
+            self.notes.append(f"{key.decode()} to {user} {when}; watch's last lines on it: {said[-3:]}")
 
     def fault(self, kind: str) -> None:
         """Break every proxied connection; the next message's latency and the CPU of 10 s."""
