@@ -114,9 +114,13 @@ class Pool:
             job = self.jobs.get()
             with self._lock:
                 self._free -= 1
-            job()
-            with self._lock:
-                self._free += 1
+            try:
+                job()
+            except BaseException:  # a job reports its own errors; the thread goes on
+                pass
+            finally:
+                with self._lock:
+                    self._free += 1
 
 
 class Worker(threading.local):
@@ -516,7 +520,9 @@ class FolderWatcher:
         def job() -> None:
             try:
                 step = work()
-            except Exception as error:  # a bug of ours: say so, and start over after the backoff
+            except BaseException as error:  # a bug of ours (or a BaseException such as
+                # DeadlinePassed escaping): say so, and start over after the backoff. Never let
+                # it end the job without a step: the folder would wait for it forever.
                 what = f"{type(error).__name__}: {error}"
                 self.log(f"{self.where}: internal error ({what}); please report this")
                 self._drop_source()
